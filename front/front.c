@@ -1,0 +1,1 @@
+/* placeholder until the front lands */ typedef int mtp_front_placeholder;

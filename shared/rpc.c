@@ -1,0 +1,1 @@
+typedef int mtp_rpc_placeholder;
