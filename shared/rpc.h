@@ -74,9 +74,12 @@ void mtp_rpc_codec_free(struct mtp_rpc_codec *c);
 /*
  * Consumes up to len received bytes (decrypting when the rx key is set). Returns bytes
  * consumed (>= 0) or MTP_EPROTO (bad length), MTP_ECRC, MTP_ESEQ, MTP_ETOOBIG, MTP_ENOMEM.
- * When a whole frame is ready it stops: *has_frame = true and *body/*body_len give the
- * frame body (without len/seq/crc), borrowed from the codec until the next call.
- * Padding words (04 00 00 00) between encrypted frames are skipped.
+ * When a whole frame is ready it stops: *has_frame = true and *body, *body_len give the
+ * frame body (without len/seq/crc), borrowed from the codec until the next call; the
+ * count may then be less than len (even 0). Without a frame all len bytes are consumed.
+ * Input is taken only up to the end of the current frame (plus less than one cipher block),
+ * so a caller that stops when its input is used up never leaves a whole frame buffered.
+ * Padding words (04 00 00 00) between frames are skipped.
  */
 ssize_t mtp_rpc_recv(struct mtp_rpc_codec *c, const uint8_t *in, size_t len, const uint8_t **body,
                      size_t *body_len, bool *has_frame);
@@ -140,8 +143,13 @@ size_t mtp_rpc_build_handshake(uint32_t flags, const struct mtp_rpc_pid *sender,
 size_t mtp_rpc_build_proxy_req_hdr(uint32_t flags, uint64_t conn_id, const uint8_t client_ip[16],
                                    uint32_t client_port, const uint8_t proxy_ip[16], uint32_t proxy_port,
                                    const uint8_t *ad_tag, uint8_t out[MTP_RPC_PROXY_REQ_HDR_MAX]);
-/* RPC_PROXY_REQ flags for a client's framing and quick-ack request (no ad_tag bits). */
+/* RPC_PROXY_REQ flags for a client's framing and quick-ack request (no ad_tag bits).
+ * As in the official proxy: abridged -> ABRIDGED, intermediate -> INTERMEDIATE, padded ->
+ * INTERMEDIATE too (the official proxy does not send PAD; it pads answers itself). */
 uint32_t mtp_rpc_proxy_req_flags(int proto /* enum mtp_proto */, bool quickack);
+/* Per-packet RPC_PROXY_REQ flags from the client's packet itself: NOT_ENCRYPTED when its
+ * auth_key_id (first 8 bytes) is zero. OR it with mtp_rpc_proxy_req_flags(). */
+uint32_t mtp_rpc_packet_flags(const uint8_t *pkt, size_t len);
 
 /* Fixed-size messages; each returns bytes written. */
 size_t mtp_rpc_build_close_conn(uint64_t conn_id, uint8_t out[12]);
@@ -155,7 +163,7 @@ size_t mtp_rpc_build_proxy_ans_hdr(uint32_t flags, uint64_t conn_id, uint8_t out
 /* Any message, parsed. Pointers borrow from the body. */
 struct mtp_rpc_msg {
   uint32_t type;
-  uint32_t flags;    /* PROXY_REQ, PROXY_ANS, HANDSHAKE */
+  uint32_t flags;    /* PROXY_REQ, PROXY_ANS, HANDSHAKE; HANDSHAKE_ERROR: the error code */
   uint64_t conn_id;  /* PROXY_REQ, PROXY_ANS, SIMPLE_ACK, CLOSE_EXT, CLOSE_CONN */
   uint32_t token;    /* SIMPLE_ACK */
   int64_t ping_id;   /* PING, PONG */
@@ -167,7 +175,7 @@ struct mtp_rpc_msg {
   bool has_ad_tag;
   uint8_t ad_tag[16];
   /* HANDSHAKE only */
-  struct mtp_rpc_pid sender, peer;
+  struct mtp_rpc_pid sender, peer; /* HANDSHAKE_ERROR: sender only */
   /* NONCE only */
   struct mtp_rpc_nonce nonce;
 };
