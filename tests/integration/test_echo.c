@@ -1,0 +1,184 @@
+/*
+ * test_echo - mtproxy between the test client and the fake middle proxy: for every client
+ * framing (abridged, intermediate, secure) and DC (+-1..5 and an unknown DC, which must go to
+ * the config's default), packets are echoed unchanged, a quick ack arrives with the fake's
+ * token, and the fake sees RPC_PROXY_REQ with the right flags, ad_tag and addresses.
+ * Ends with a metrics scrape and a clean SIGTERM exit.
+ */
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+
+#include "alloc.h"
+#include "crypto.h"
+#include "err.h"
+#include "fake_middle.h"
+#include "harness.h"
+#include "rpc.h"
+#include "tclient.h"
+#include "banned.h"
+
+static int passed, failed;
+static struct h_proc g_proc;
+static struct fake_middle *g_fm;
+static char g_dir[256];
+
+static void fail_out(void) {
+  h_dump_log(&g_proc);
+  h_stop(&g_proc, 5000);
+  fm_free(g_fm);
+  h_rmdir(g_dir);
+  exit(1);
+}
+
+#define CHECK(cond)                                                            \
+  do {                                                                         \
+    if (cond) {                                                                \
+      passed++;                                                                \
+    } else {                                                                   \
+      fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
+      failed++;                                                                \
+      fail_out();                                                              \
+    }                                                                          \
+  } while (0)
+
+static const char *k_secret_hex = "00112233445566778899aabbccddeeff";
+static const char *k_tag_hex = "0badc0de0badc0de0badc0de0badc0de";
+
+static uint16_t local_port(int fd) {
+  struct sockaddr_in a;
+  socklen_t l = sizeof(a);
+  if (getsockname(fd, (struct sockaddr *)&a, &l) != 0)
+    return 0;
+  return ntohs(a.sin_port);
+}
+
+static bool find_by_client_port(uint16_t port, struct fm_conn_info *out) {
+  size_t n = fm_conn_count(g_fm);
+  for (size_t i = n; i-- > 0;) {
+    if (fm_conn_at(g_fm, i, out) == MTP_OK && out->client_port == port)
+      return true;
+  }
+  return false;
+}
+
+static void one_client(uint16_t proxy_port, enum mtp_proto proto, int16_t dc, const uint8_t secret[16],
+                       const uint8_t tag[16]) {
+  struct tclient c;
+  tc_init(&c);
+  CHECK(tc_connect(&c, "127.0.0.1", proxy_port, secret, proto, dc, 5000) == MTP_OK);
+  uint16_t my_port = local_port(c.fd);
+
+  /* 1: unencrypted auth-style packet with a quick-ack request. */
+  uint8_t pkt[2048];
+  tc_make_packet(pkt, 72, false);
+  CHECK(tc_send(&c, pkt, 72, true) == MTP_OK);
+  struct tc_msg m;
+  bool got_ack = false, got_echo = false;
+  for (int i = 0; i < 3 && !got_echo; i++) {
+    int rc = tc_recv(&c, 5000, &m);
+    if (rc != MTP_OK)
+      fprintf(stderr, "proto %s dc %d: recv: %s\n", mtp_proto_name(proto), dc, mtp_strerror(rc));
+    CHECK(rc == MTP_OK);
+    if (m.kind == TC_QUICKACK) {
+      CHECK(!got_ack);
+      CHECK((m.token | 0x80000000u) == fm_quickack_token(pkt, 72));
+      got_ack = true;
+    } else {
+      CHECK(m.len == 72 && memcmp(m.data, pkt, 72) == 0);
+      got_echo = true;
+    }
+  }
+  CHECK(got_ack && got_echo);
+
+  struct fm_conn_info ci;
+  CHECK(find_by_client_port(my_port, &ci));
+  CHECK(ci.has_ad_tag && memcmp(ci.ad_tag, tag, 16) == 0);
+  CHECK(ci.flags & MTP_RPC_FLAG_HAS_AD_TAG);
+  CHECK(ci.flags & MTP_RPC_FLAG_QUICKACK);
+  CHECK(ci.flags & MTP_RPC_FLAG_NOT_ENCRYPTED);
+  if (proto == MTP_PROTO_ABRIDGED)
+    CHECK((ci.flags & (MTP_RPC_FLAG_ABRIDGED | MTP_RPC_FLAG_INTERMEDIATE)) == MTP_RPC_FLAG_ABRIDGED);
+  else
+    CHECK((ci.flags & (MTP_RPC_FLAG_ABRIDGED | MTP_RPC_FLAG_INTERMEDIATE)) == MTP_RPC_FLAG_INTERMEDIATE);
+  CHECK(ci.proxy_port == proxy_port);
+  static const uint8_t v4mapped_lo[16] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 127, 0, 0, 1};
+  CHECK(memcmp(ci.client_ip, v4mapped_lo, 16) == 0);
+  CHECK(memcmp(ci.proxy_ip, v4mapped_lo, 16) == 0);
+  CHECK(ci.packets == 1);
+
+  /* 2: encrypted-looking packet, no quick ack; same conn_id. */
+  tc_make_packet(pkt, 1024, true);
+  CHECK(tc_send(&c, pkt, 1024, false) == MTP_OK);
+  CHECK(tc_recv(&c, 5000, &m) == MTP_OK);
+  CHECK(m.kind == TC_PACKET && m.len == 1024 && memcmp(m.data, pkt, 1024) == 0);
+  struct fm_conn_info ci2;
+  CHECK(fm_conn_find(g_fm, ci.conn_id, &ci2) == MTP_OK);
+  CHECK(ci2.packets == 2);
+  CHECK(!(ci2.flags & MTP_RPC_FLAG_QUICKACK));
+  CHECK(!(ci2.flags & MTP_RPC_FLAG_NOT_ENCRYPTED));
+  tc_close(&c);
+}
+
+int main(void) {
+  g_proc.pid = -1;
+  const char *bin = h_mtproxy_bin();
+  if (!bin) {
+    fprintf(stderr, "MTPROXY_BIN is not set\n");
+    return 1;
+  }
+  uint8_t proxy_secret[128];
+  mtp_random(proxy_secret, sizeof(proxy_secret));
+  int fport = fm_start(proxy_secret, sizeof(proxy_secret), &g_fm);
+  CHECK(fport > 0);
+  CHECK(h_tmpdir(g_dir, sizeof(g_dir)) == 0);
+  char sp[256], cp[256];
+  CHECK(h_write_middle_files(g_dir, proxy_secret, sizeof(proxy_secret), (uint16_t)fport, sp, cp) == 0);
+
+  char *argv[] = {(char *)bin, "--listen", "127.0.0.1:0", "--secret", (char *)k_secret_hex, "--tag",
+                  (char *)k_tag_hex, "--proxy-secret", sp, "--proxy-config", cp, "--admin", "127.0.0.1:0",
+                  "--workers", "1", "--log-level", "info", NULL};
+  CHECK(h_spawn(&g_proc, argv) == 0);
+  uint16_t port = 0, admin = 0;
+  CHECK(h_wait_listener(&g_proc, "l0", &port, 30000) == 0);
+  CHECK(h_wait_admin(&g_proc, &admin, 30000) == 0);
+
+  uint8_t secret[16], tag[16];
+  CHECK(mtp_hex_decode(k_secret_hex, secret, 16) == 16);
+  CHECK(mtp_hex_decode(k_tag_hex, tag, 16) == 16);
+
+  static const enum mtp_proto protos[] = {MTP_PROTO_ABRIDGED, MTP_PROTO_INTERMEDIATE, MTP_PROTO_PADDED};
+  static const int16_t dcs[] = {1, 2, 3, 4, 5, -1, -2, -3, -4, -5, 99};
+  for (size_t p = 0; p < 3; p++)
+    for (size_t d = 0; d < sizeof(dcs) / sizeof(dcs[0]); d++)
+      one_client(port, protos[p], dcs[d], secret, tag);
+
+  struct fm_stats st;
+  fm_get_stats(g_fm, &st);
+  CHECK(st.handshakes >= 1);
+  CHECK(st.bad == 0);
+  CHECK(st.conn_ids >= 33);
+  CHECK(st.proxy_reqs >= 66);
+
+  char *body = NULL;
+  int status = h_http_get(admin, "/metrics", &body, 5000);
+  CHECK(status == 200 && body != NULL);
+  double v = 0;
+  CHECK(h_metric(body, "mtproxy_handshakes_total{protocol=\"abridged\"}", &v) == 0 && v >= 11);
+  CHECK(h_metric(body, "mtproxy_handshakes_total{protocol=\"secure\"}", &v) == 0 && v >= 11);
+  mtp_free(body);
+
+  int rc = h_stop(&g_proc, 10000);
+  CHECK(rc == 0);
+  /* The proxy's RPC connections are gone once it exited. */
+  CHECK(fm_wait_open(g_fm, 0, 5000));
+  fm_free(g_fm);
+  g_fm = NULL;
+  h_rmdir(g_dir);
+  h_remove_log(&g_proc);
+  printf("%d passed, %d failed\n", passed, failed);
+  return 0;
+}

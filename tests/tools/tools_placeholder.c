@@ -1,1 +1,0 @@
-typedef int mtp_tools_placeholder;
