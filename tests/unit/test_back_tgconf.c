@@ -1,0 +1,456 @@
+/*
+ * test_back_tgconf.c - the back's Telegram config: loading from files and URLs (a tiny HTTP
+ * server on 127.0.0.1 in a thread), validation (short secret, malformed list), the rule that
+ * a failed or malformed load never replaces the last good snapshot, the on-disk cache
+ * (atomic write, modes, loading at start), snapshot references, and a clean stop.
+ */
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <uv.h>
+#include <dirent.h>
+
+#include "back.h"
+#include "config.h"
+#include "err.h"
+#include "log.h"
+#include "metrics.h"
+#include "tgconf.h"
+
+static int passed, failed;
+#define CHECK(cond)                                                    \
+  do {                                                                 \
+    if (cond) {                                                        \
+      passed++;                                                        \
+    } else {                                                           \
+      fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
+      exit(1);                                                         \
+    }                                                                  \
+  } while (0)
+
+static char tmpdir[256];
+
+static void write_file(const char *name, const void *data, size_t len) {
+  char p[512];
+  snprintf(p, sizeof(p), "%s/%s", tmpdir, name);
+  FILE *f = fopen(p, "wb");
+  CHECK(f != NULL);
+  CHECK(fwrite(data, 1, len, f) == len);
+  fclose(f);
+}
+
+static char *path_of(const char *name) {
+  static char bufs[8][512];
+  static int k;
+  char *p = bufs[k++ % 8];
+  snprintf(p, 512, "%s/%s", tmpdir, name);
+  return p;
+}
+
+static const char CONF2[] = "# test\nproxy_for 2 127.0.0.1:1111;\nproxy_for -2 127.0.0.1:2222;\ndefault 2;\n";
+static const char CONF3[] =
+    "proxy_for 1 127.0.0.1:1;\nproxy_for 2 127.0.0.1:2;\nproxy_for 3 127.0.0.1:3;\ndefault 2;\n";
+static const char BADCONF[] = "proxy_for 2 127.0.0.1:1111;\nthis is not a config line\n";
+static uint8_t SECRET[128];
+
+static int64_t metric(enum mtp_metric m) {
+  int64_t v[MTP_M__COUNT];
+  mtp_metrics_sum(v);
+  return v[m];
+}
+
+static void init_cfg(struct mtp_config *cfg) {
+  memset(cfg, 0, sizeof(*cfg));
+  cfg->workers = 1;
+  cfg->dc_conn_max_clients = 300;
+  cfg->dc_connect_timeout = 5;
+  cfg->config_refresh = 3600;
+}
+
+static void on_tick(uv_timer_t *t) { (void)t; }
+
+/* Runs loop until b has completed `n` fetches (bounded). */
+static void run_until_fetches(uv_loop_t *loop, struct mtp_back *b, unsigned n) {
+  uint64_t deadline = uv_now(loop) + 10000;
+  uv_timer_t tick;
+  uv_timer_init(loop, &tick);
+  uv_timer_start(&tick, on_tick, 20, 20); /* keeps UV_RUN_ONCE from blocking forever */
+  while (mtp_back_fetches_done(b) < n && uv_now(loop) < deadline)
+    uv_run(loop, UV_RUN_ONCE);
+  uv_close((uv_handle_t *)&tick, NULL);
+  uv_run(loop, UV_RUN_NOWAIT);
+  CHECK(mtp_back_fetches_done(b) >= n);
+}
+
+static void finish(uv_loop_t *loop, struct mtp_back *b) {
+  mtp_back_stop(b);
+  uv_run(loop, UV_RUN_DEFAULT);
+  mtp_back_free(b);
+}
+
+/* ---- tiny HTTP server ---- */
+
+static int http_fd;
+static uint16_t http_port;
+static pthread_t http_thread;
+
+static void http_reply(int c, int status, const char *extra, const void *body, size_t len) {
+  char hdr[512];
+  int n = snprintf(hdr, sizeof(hdr), "HTTP/1.1 %d X\r\nContent-Length: %zu\r\nConnection: close\r\n%s\r\n", status,
+                   len, extra);
+  (void)!write(c, hdr, (size_t)n);
+  size_t off = 0;
+  while (off < len) {
+    ssize_t w = write(c, (const char *)body + off, len - off);
+    if (w <= 0)
+      break;
+    off += (size_t)w;
+  }
+}
+
+static void *http_main(void *arg) {
+  (void)arg;
+  for (;;) {
+    int c = accept(http_fd, NULL, NULL);
+    if (c < 0)
+      return NULL;
+    char req[2048];
+    size_t got = 0;
+    while (got < sizeof(req) - 1) {
+      ssize_t r = read(c, req + got, sizeof(req) - 1 - got);
+      if (r <= 0)
+        break;
+      got += (size_t)r;
+      req[got] = 0;
+      if (strstr(req, "\r\n\r\n"))
+        break;
+    }
+    req[got] = 0;
+    if (strncmp(req, "GET /secret ", 12) == 0) {
+      http_reply(c, 200, "", SECRET, sizeof(SECRET));
+    } else if (strncmp(req, "GET /conf ", 10) == 0) {
+      http_reply(c, 200, "", CONF2, strlen(CONF2));
+    } else if (strncmp(req, "GET /redir ", 11) == 0) {
+      http_reply(c, 302, "Location: /secret\r\n", "", 0);
+    } else if (strncmp(req, "GET /big ", 9) == 0) {
+      size_t n = (1u << 20) + 4096;
+      char *big = calloc(1, n);
+      http_reply(c, 200, "", big, n);
+      free(big);
+    } else if (strncmp(req, "GET /quit ", 10) == 0) {
+      http_reply(c, 200, "", "bye", 3);
+      close(c);
+      return NULL;
+    } else {
+      http_reply(c, 500, "", "oops", 4);
+    }
+    close(c);
+  }
+}
+
+static void http_start(void) {
+  http_fd = socket(AF_INET, SOCK_STREAM, 0);
+  CHECK(http_fd >= 0);
+  struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+  CHECK(bind(http_fd, (struct sockaddr *)&a, sizeof(a)) == 0);
+  CHECK(listen(http_fd, 16) == 0);
+  socklen_t al = sizeof(a);
+  CHECK(getsockname(http_fd, (struct sockaddr *)&a, &al) == 0);
+  http_port = ntohs(a.sin_port);
+  CHECK(pthread_create(&http_thread, NULL, http_main, NULL) == 0);
+}
+
+static void http_stop(void) {
+  char url[128], err[256];
+  uint8_t *out = NULL;
+  size_t len = 0;
+  snprintf(url, sizeof(url), "http://127.0.0.1:%u/quit", http_port);
+  CHECK(mtp_tgconf_read_source(url, &out, &len, NULL, err, sizeof(err)) == MTP_OK);
+  free(out);
+  pthread_join(http_thread, NULL);
+  close(http_fd);
+}
+
+static char *url_of(const char *path) {
+  static char bufs[8][128];
+  static int k;
+  char *p = bufs[k++ % 8];
+  snprintf(p, 128, "http://127.0.0.1:%u%s", http_port, path);
+  return p;
+}
+
+/* ---- tests ---- */
+
+static void test_read_source_files(void) {
+  char err[256];
+  uint8_t *out = NULL;
+  size_t len = 0;
+  write_file("a.conf", CONF2, strlen(CONF2));
+  CHECK(mtp_tgconf_read_source(path_of("a.conf"), &out, &len, NULL, err, sizeof(err)) == MTP_OK);
+  CHECK(len == strlen(CONF2) && memcmp(out, CONF2, len) == 0 && out[len] == 0);
+  free(out);
+  CHECK(mtp_tgconf_read_source(path_of("missing"), &out, &len, NULL, err, sizeof(err)) == MTP_EIO);
+  CHECK(strstr(err, "cannot open") != NULL && out == NULL);
+  write_file("empty", "", 0);
+  CHECK(mtp_tgconf_read_source(path_of("empty"), &out, &len, NULL, err, sizeof(err)) == MTP_EIO);
+  CHECK(strstr(err, "empty") != NULL);
+  size_t bign = (1u << 20) + 1;
+  char *big = calloc(1, bign);
+  write_file("big", big, bign);
+  free(big);
+  CHECK(mtp_tgconf_read_source(path_of("big"), &out, &len, NULL, err, sizeof(err)) == MTP_ETOOBIG);
+  CHECK(mtp_tgconf_read_source("", &out, &len, NULL, err, sizeof(err)) == MTP_EINVAL);
+}
+
+static void test_build(void) {
+  char err[256];
+  struct mtp_tg_snapshot *s = NULL;
+  CHECK(mtp_tgconf_build(SECRET, sizeof(SECRET), (const uint8_t *)CONF2, strlen(CONF2), &s, err, sizeof(err)) ==
+        MTP_OK);
+  CHECK(s != NULL && s->secret_len == sizeof(SECRET) && memcmp(s->secret, SECRET, sizeof(SECRET)) == 0);
+  CHECK(s->cfg.naddrs == 2 && s->cfg.has_default && s->cfg.default_dc == 2);
+  mtp_tg_snapshot_release(s);
+  CHECK(mtp_tgconf_build(SECRET, 8, (const uint8_t *)CONF2, strlen(CONF2), &s, err, sizeof(err)) == MTP_EPROTO);
+  CHECK(s == NULL && strstr(err, "8 bytes") != NULL);
+  CHECK(mtp_tgconf_build(SECRET, 16, (const uint8_t *)BADCONF, strlen(BADCONF), &s, err, sizeof(err)) ==
+        MTP_EPROTO);
+  CHECK(s == NULL && strstr(err, "bad proxy config") != NULL);
+  CHECK(mtp_tgconf_check_secret(15, err, sizeof(err)) == MTP_EPROTO);
+  CHECK(mtp_tgconf_check_secret(16, err, sizeof(err)) == MTP_OK);
+}
+
+static int count_entries(const char *dir) {
+  DIR *d = opendir(dir);
+  CHECK(d != NULL);
+  int n = 0;
+  struct dirent *e;
+  while ((e = readdir(d)) != NULL)
+    n += e->d_name[0] != '.';
+  closedir(d);
+  return n;
+}
+
+static void test_cache_write_read(void) {
+  char err[256];
+  const char *dir = path_of("newcache");
+  CHECK(mtp_tgconf_cache_write(dir, "x", (const uint8_t *)"hello", 5, err, sizeof(err)) == MTP_OK);
+  struct stat st;
+  CHECK(stat(dir, &st) == 0 && S_ISDIR(st.st_mode));
+  CHECK(stat(path_of("newcache/x"), &st) == 0 && (st.st_mode & 0777) == 0644 && st.st_size == 5);
+  CHECK(mtp_tgconf_cache_write(dir, "x", (const uint8_t *)"world!!", 7, err, sizeof(err)) == MTP_OK);
+  CHECK(count_entries(dir) == 1); /* no temporary left behind */
+  uint8_t *out = NULL;
+  size_t len = 0;
+  CHECK(mtp_tgconf_cache_read(dir, "x", &out, &len, err, sizeof(err)) == MTP_OK);
+  CHECK(len == 7 && memcmp(out, "world!!", 7) == 0);
+  free(out);
+  CHECK(mtp_tgconf_cache_read(dir, "nope", &out, &len, err, sizeof(err)) == MTP_EIO);
+  /* a directory that cannot be created */
+  CHECK(mtp_tgconf_cache_write(path_of("missing/parent/dir"), "x", (const uint8_t *)"a", 1, err, sizeof(err)) ==
+        MTP_EIO);
+}
+
+static void test_back_files_and_refresh(void) {
+  uv_loop_t loop;
+  uv_loop_init(&loop);
+  write_file("secret", SECRET, sizeof(SECRET));
+  write_file("conf", CONF2, strlen(CONF2));
+  struct mtp_config cfg;
+  init_cfg(&cfg);
+  cfg.proxy_secret = path_of("secret");
+  cfg.proxy_config = path_of("conf");
+  cfg.cache_dir = path_of("cache1");
+  int64_t ok0 = metric(MTP_M_TGCONF_FETCH_OK), fail0 = metric(MTP_M_TGCONF_FETCH_FAIL);
+
+  struct mtp_back *b = NULL;
+  CHECK(mtp_back_setup(&b, &cfg, &loop) == MTP_OK);
+  CHECK(mtp_back_snapshot(b) == NULL); /* nothing cached yet, nothing fetched yet */
+  CHECK(mtp_back_wait_ready(b, 5000) == MTP_OK);
+  struct mtp_tg_snapshot *s1 = mtp_back_snapshot(b);
+  CHECK(s1 != NULL && s1->cfg.naddrs == 2 && s1->secret_len == sizeof(SECRET));
+  CHECK(memcmp(s1->secret, SECRET, sizeof(SECRET)) == 0);
+  CHECK(metric(MTP_M_TGCONF_FETCH_OK) == ok0 + 2);
+  /* wait_ready left no handle of its own behind, and the fetch wrote the cache */
+  run_until_fetches(&loop, b, 1);
+  struct stat st;
+  CHECK(stat(path_of("cache1/" MTP_TGCONF_CACHE_SECRET), &st) == 0 && st.st_size == (off_t)sizeof(SECRET));
+  CHECK(stat(path_of("cache1/" MTP_TGCONF_CACHE_CONFIG), &st) == 0 && st.st_size == (off_t)strlen(CONF2));
+
+  /* malformed list: the last good one stays (and the cache keeps it too) */
+  write_file("conf", BADCONF, strlen(BADCONF));
+  unsigned n = mtp_back_fetches_done(b);
+  mtp_back_refresh_now(b);
+  run_until_fetches(&loop, b, n + 1);
+  struct mtp_tg_snapshot *s2 = mtp_back_snapshot(b);
+  CHECK(s2 != NULL && s2->cfg.naddrs == 2 && s2->cfg.default_dc == 2);
+  CHECK(metric(MTP_M_TGCONF_FETCH_FAIL) == fail0 + 1);
+  CHECK(stat(path_of("cache1/" MTP_TGCONF_CACHE_CONFIG), &st) == 0 && st.st_size == (off_t)strlen(CONF2));
+  mtp_tg_snapshot_release(s2);
+
+  /* missing sources: still the last good snapshot */
+  remove(path_of("conf"));
+  write_file("secret", "short", 5);
+  n = mtp_back_fetches_done(b);
+  mtp_back_refresh_now(b);
+  run_until_fetches(&loop, b, n + 1);
+  s2 = mtp_back_snapshot(b);
+  CHECK(s2 != NULL && s2->cfg.naddrs == 2 && s2->secret_len == sizeof(SECRET));
+  CHECK(metric(MTP_M_TGCONF_FETCH_FAIL) == fail0 + 3);
+  mtp_tg_snapshot_release(s2);
+
+  /* a good new list replaces it; the old snapshot stays valid while referenced */
+  write_file("secret", SECRET, sizeof(SECRET));
+  write_file("conf", CONF3, strlen(CONF3));
+  n = mtp_back_fetches_done(b);
+  mtp_back_refresh_now(b);
+  run_until_fetches(&loop, b, n + 1);
+  s2 = mtp_back_snapshot(b);
+  CHECK(s2 != NULL && s2 != s1 && s2->cfg.naddrs == 3);
+  CHECK(s1->cfg.naddrs == 2 && memcmp(s1->secret, SECRET, 16) == 0); /* still readable */
+  CHECK(atomic_load(&s1->_refs) == 1);                               /* only ours is left */
+  mtp_tg_snapshot_release(s1);
+  mtp_tg_snapshot_release(s2);
+  CHECK(stat(path_of("cache1/" MTP_TGCONF_CACHE_CONFIG), &st) == 0 && st.st_size == (off_t)strlen(CONF3));
+
+  finish(&loop, b);
+  CHECK(uv_loop_close(&loop) == 0);
+}
+
+static void test_back_cache_first(void) {
+  uv_loop_t loop;
+  uv_loop_init(&loop);
+  struct mtp_config cfg;
+  init_cfg(&cfg);
+  cfg.proxy_secret = path_of("no-such-secret");
+  cfg.proxy_config = path_of("no-such-conf");
+  cfg.cache_dir = path_of("cache1"); /* written by the previous test: CONF3 */
+  struct mtp_back *b = NULL;
+  CHECK(mtp_back_setup(&b, &cfg, &loop) == MTP_OK);
+  struct mtp_tg_snapshot *s = mtp_back_snapshot(b); /* before the loop ran at all */
+  CHECK(s != NULL && s->cfg.naddrs == 3 && s->secret_len == sizeof(SECRET));
+  mtp_tg_snapshot_release(s);
+  CHECK(mtp_back_wait_ready(b, 10) == MTP_OK);
+  int64_t fail0 = metric(MTP_M_TGCONF_FETCH_FAIL);
+  run_until_fetches(&loop, b, 1);
+  CHECK(metric(MTP_M_TGCONF_FETCH_FAIL) == fail0 + 2);
+  s = mtp_back_snapshot(b);
+  CHECK(s != NULL && s->cfg.naddrs == 3);
+  mtp_tg_snapshot_release(s);
+  finish(&loop, b);
+  CHECK(uv_loop_close(&loop) == 0);
+
+  /* a corrupt cache is ignored */
+  write_file("cache1/" MTP_TGCONF_CACHE_CONFIG, BADCONF, strlen(BADCONF));
+  uv_loop_init(&loop);
+  CHECK(mtp_back_setup(&b, &cfg, &loop) == MTP_OK);
+  CHECK(mtp_back_snapshot(b) == NULL);
+  finish(&loop, b);
+  CHECK(uv_loop_close(&loop) == 0);
+}
+
+static void test_back_short_secret(void) {
+  uv_loop_t loop;
+  uv_loop_init(&loop);
+  write_file("short", "0123456789", 10);
+  write_file("conf", CONF2, strlen(CONF2));
+  struct mtp_config cfg;
+  init_cfg(&cfg);
+  cfg.proxy_secret = path_of("short");
+  cfg.proxy_config = path_of("conf");
+  struct mtp_back *b = NULL;
+  CHECK(mtp_back_setup(&b, &cfg, &loop) == MTP_OK);
+  CHECK(mtp_back_wait_ready(b, 300) == MTP_ENOCONFIG);
+  CHECK(mtp_back_snapshot(b) == NULL);
+  finish(&loop, b);
+  CHECK(uv_loop_close(&loop) == 0);
+}
+
+static void test_http(void) {
+  char err[256];
+  uint8_t *out = NULL;
+  size_t len = 0;
+  CHECK(mtp_tgconf_read_source(url_of("/secret"), &out, &len, NULL, err, sizeof(err)) == MTP_OK);
+  CHECK(len == sizeof(SECRET) && memcmp(out, SECRET, len) == 0);
+  free(out);
+  CHECK(mtp_tgconf_read_source(url_of("/redir"), &out, &len, NULL, err, sizeof(err)) == MTP_OK);
+  CHECK(len == sizeof(SECRET) && memcmp(out, SECRET, len) == 0);
+  free(out);
+  CHECK(mtp_tgconf_read_source(url_of("/fail"), &out, &len, NULL, err, sizeof(err)) == MTP_EIO);
+  CHECK(strstr(err, "500") != NULL && out == NULL);
+  CHECK(mtp_tgconf_read_source(url_of("/big"), &out, &len, NULL, err, sizeof(err)) == MTP_ETOOBIG);
+  CHECK(out == NULL);
+
+  /* the whole back through URLs; then the config URL starts failing */
+  uv_loop_t loop;
+  uv_loop_init(&loop);
+  struct mtp_config cfg;
+  init_cfg(&cfg);
+  cfg.proxy_secret = url_of("/secret");
+  cfg.proxy_config = url_of("/conf");
+  struct mtp_back *b = NULL;
+  CHECK(mtp_back_setup(&b, &cfg, &loop) == MTP_OK);
+  CHECK(mtp_back_wait_ready(b, 10000) == MTP_OK);
+  struct mtp_tg_snapshot *s = mtp_back_snapshot(b);
+  CHECK(s != NULL && s->cfg.naddrs == 2 && s->secret_len == sizeof(SECRET));
+  mtp_tg_snapshot_release(s);
+  run_until_fetches(&loop, b, 1);
+  cfg.proxy_config = url_of("/fail");
+  unsigned n = mtp_back_fetches_done(b);
+  int64_t fail0 = metric(MTP_M_TGCONF_FETCH_FAIL);
+  mtp_back_refresh_now(b);
+  run_until_fetches(&loop, b, n + 1);
+  CHECK(metric(MTP_M_TGCONF_FETCH_FAIL) == fail0 + 1);
+  s = mtp_back_snapshot(b);
+  CHECK(s != NULL && s->cfg.naddrs == 2);
+  mtp_tg_snapshot_release(s);
+  finish(&loop, b);
+  CHECK(uv_loop_close(&loop) == 0);
+}
+
+static void test_stop_during_fetch(void) {
+  /* stop right after setup: the queued fetch completes or is cancelled, the loop ends */
+  uv_loop_t loop;
+  uv_loop_init(&loop);
+  struct mtp_config cfg;
+  init_cfg(&cfg);
+  cfg.proxy_secret = url_of("/secret");
+  cfg.proxy_config = url_of("/conf");
+  struct mtp_back *b = NULL;
+  CHECK(mtp_back_setup(&b, &cfg, &loop) == MTP_OK);
+  finish(&loop, b);
+  CHECK(uv_loop_close(&loop) == 0);
+}
+
+int main(void) {
+  signal(SIGPIPE, SIG_IGN); /* the HTTP thread writes to sockets curl gave up on */
+  mtp_log_level = MTP_LOG_ERROR;
+  if (getenv("MTP_TEST_VERBOSE"))
+    mtp_log_level = MTP_LOG_DEBUG;
+  for (size_t i = 0; i < sizeof(SECRET); i++)
+    SECRET[i] = (uint8_t)(i * 7 + 3);
+  snprintf(tmpdir, sizeof(tmpdir), "/tmp/test_back_tgconf.XXXXXX");
+  CHECK(mkdtemp(tmpdir) != NULL);
+  http_start();
+  test_read_source_files();
+  test_build();
+  test_cache_write_read();
+  test_back_files_and_refresh();
+  test_back_cache_first();
+  test_back_short_secret();
+  test_http();
+  test_stop_during_fetch();
+  http_stop();
+  char cmd[512];
+  snprintf(cmd, sizeof(cmd), "rm -rf '%s'", tmpdir);
+  (void)!system(cmd);
+  printf("%d passed, %d failed\n", passed, failed);
+  return 0;
+}
