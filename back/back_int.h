@@ -57,7 +57,7 @@ struct mtp_back_stream {
   struct sockaddr_storage local_addr; /* where the client connected */
   bool has_ad_tag;
   uint8_t ad_tag[16];
-  uint32_t inflight;    /* packets sent since the last answer/ack; 0 = idle, may migrate */
+  uint32_t inflight;    /* packets sent since the last RPC_PROXY_ANS; 0 = idle, may migrate */
   bool want_writable;   /* send() returned MTP_LINK_FULL; on_writable is owed */
   bool dead;            /* closed (by the front, or on_close delivered): no more ops */
   struct mtp_back_pending *pend_head; /* owns */

@@ -281,7 +281,8 @@ void mtp_back_worker_dispatch(struct mtp_back_conn *c, const struct mtp_rpc_msg 
     s->ops->on_packet(s->front, m->data, m->data_len); /* s may be gone now */
     break;
   case MTP_RPC_SIMPLE_ACK:
-    s->inflight = 0;
+    /* A quick ack says the packet reached Telegram, not that its answer has come back: the
+     * client stays "in flight" (and is closed, not migrated, if this connection drops). */
     s->ops->on_quickack(s->front, m->token);
     break;
   case MTP_RPC_CLOSE_EXT:

@@ -233,6 +233,27 @@ int main(void) {
   CHECK(metric("mtproxy_client_closes_total{reason=\"upstream\"}") == 1);
   CHECK(metric("mtproxy_client_connections") == NIDLE);
 
+  /* Regression: a quick ack is not an answer. The back used to count a quick-acked packet as
+   * answered, so a rotation migrated that client and its answer was lost. Now a client whose
+   * packet was quick-acked but not answered is still in flight: closed, not migrated. */
+  struct tclient acked;
+  struct fm_conn_info ca;
+  client_up(&acked, MTP_PROTO_ABRIDGED, &ca);
+  fm_set_mode(g_fm, FM_ACK_ONLY);
+  tc_make_packet(pkt, sizeof(pkt), true);
+  CHECK(tc_send(&acked, pkt, sizeof(pkt), true) == MTP_OK);
+  struct tc_msg ack;
+  CHECK(tc_recv(&acked, 5000, &ack) == MTP_OK);
+  CHECK(ack.kind == TC_QUICKACK);
+  CHECK(fm_close_all(g_fm) == 1);
+  fm_set_mode(g_fm, FM_ANSWER);
+  CHECK(tc_wait_closed(&acked, 5000) == MTP_ECLOSED);
+  tc_close(&acked);
+  CHECK(wait_metric("mtproxy_client_closes_total{reason=\"upstream\"}", 2, 5000, &v));
+  CHECK(wait_metric("mtproxy_rpc_client_migrations_total", 3 * NIDLE, 5000, &v));
+  for (int i = 0; i < NIDLE; i++)
+    echo_ok(&idle[i], 64);
+
   for (int i = 0; i < NIDLE; i++)
     tc_close(&idle[i]);
   CHECK(fm_wait_close_conns(g_fm, NIDLE, 5000));

@@ -361,11 +361,11 @@ static const char *on_proxy_req(struct rconn *rc, const struct mtp_rpc_msg *m) {
   pthread_mutex_unlock(&fm->mu);
   if (!r)
     return "out of memory";
-  if (first || mode != FM_ANSWER)
+  if (first || mode == FM_SILENT || mode == FM_STALLED)
     logf_(fm, "rpc conn %u: PROXY_REQ conn_id %016llx flags 0x%08x len %zu ad_tag %s client port %u proxy port %u",
           rc->serial, (unsigned long long)m->conn_id, m->flags, m->data_len, m->has_ad_tag ? "yes" : "no",
           m->client_port, m->proxy_port);
-  if (mode != FM_ANSWER)
+  if (mode != FM_ANSWER && mode != FM_ACK_ONLY)
     return NULL;
   if (m->flags & MTP_RPC_FLAG_QUICKACK) {
     uint8_t ack[16];
@@ -374,8 +374,11 @@ static const char *on_proxy_req(struct rconn *rc, const struct mtp_rpc_msg *m) {
       return "send failed";
     pthread_mutex_lock(&fm->mu);
     fm->st.simple_acks++;
+    changed_locked(fm);
     pthread_mutex_unlock(&fm->mu);
   }
+  if (mode == FM_ACK_ONLY)
+    return NULL;
   uint8_t hdr[16];
   size_t hl = mtp_rpc_build_proxy_ans_hdr(0, m->conn_id, hdr);
   struct iovec iov[2] = {{hdr, hl}, {(void *)m->data, m->data_len}};

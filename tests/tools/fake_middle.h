@@ -40,7 +40,8 @@ struct fake_middle;
 enum fm_mode {
   FM_ANSWER = 0, /* echo (default) */
   FM_SILENT = 1, /* keep reading and recording, never answer PROXY_REQ (PING still answered) */
-  FM_STALLED = 2 /* stop reading from every RPC socket, as a hung server; new connections too */
+  FM_STALLED = 2, /* stop reading from every RPC socket, as a hung server; new connections too */
+  FM_ACK_ONLY = 3 /* send RPC_SIMPLE_ACK for quick-ack requests but never the answer */
 };
 
 struct fm_options {
