@@ -39,6 +39,7 @@ struct rconn {
   uint64_t push_conn_id;
   uint64_t push_left;
   size_t push_chunk;
+  uint64_t push_inflight; /* pushed bytes handed to uv_write whose callback has not run */
   struct rconn *next; /* list of open connections */
 };
 
@@ -190,6 +191,7 @@ static void on_write(uv_write_t *req, int status) {
   struct wreq *w = (struct wreq *)req;
   struct rconn *rc = w->rc;
   struct fake_middle *fm = rc->fm;
+  rc->push_inflight -= w->push_bytes;
   if (status == 0 && w->push_bytes) {
     pthread_mutex_lock(&fm->mu);
     fm->st.pushed_bytes += w->push_bytes;
@@ -238,7 +240,10 @@ static void push_more(struct rconn *rc) {
     rc->push_left = 0;
     return;
   }
-  while (rc->push_left && !rc->closing && uv_stream_get_write_queue_size((uv_stream_t *)&rc->tcp) < PUSH_HIGH_WATER) {
+  /* Bounded by our own count of unfinished writes, not the socket's queue: uv_write usually
+   * writes at once, so the queue stays empty and the loop would never get back to reading
+   * (and never see the proxy's RPC_CLOSE_CONN) before the whole push was sent. */
+  while (rc->push_left && !rc->closing && rc->push_inflight < PUSH_HIGH_WATER) {
     size_t n = rc->push_left < rc->push_chunk ? (size_t)rc->push_left : rc->push_chunk;
     n &= ~(size_t)3;
     if (n < 8) {
@@ -255,6 +260,7 @@ static void push_more(struct rconn *rc) {
       break;
     }
     rc->push_left -= n;
+    rc->push_inflight += n;
     pthread_mutex_lock(&rc->fm->mu);
     rc->fm->st.proxy_ans++;
     pthread_mutex_unlock(&rc->fm->mu);
