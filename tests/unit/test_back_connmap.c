@@ -7,27 +7,10 @@
 
 #include "connmap.h"
 #include "err.h"
-
-static int passed, failed;
-#define CHECK(cond)                                                    \
-  do {                                                                 \
-    if (cond) {                                                        \
-      passed++;                                                        \
-    } else {                                                           \
-      fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
-      exit(1);                                                         \
-    }                                                                  \
-  } while (0)
-
-static uint64_t rng = 88172645463325252ULL;
-static uint64_t next(void) {
-  rng ^= rng << 13;
-  rng ^= rng >> 7;
-  rng ^= rng << 17;
-  return rng;
-}
+#include "check.h"
 
 int main(void) {
+  check_seed(88172645463325252ULL);
   struct mtp_connmap m;
   mtp_connmap_init(&m);
   CHECK(mtp_connmap_get(&m, 1) == NULL);
@@ -45,10 +28,10 @@ int main(void) {
   static int present[N];
   static int vals[N];
   for (int i = 0; i < N; i++)
-    keys[i] = (i % 2) ? next() | 1 : (uint64_t)(i + 1) * 1024; /* half with equal low bits */
+    keys[i] = (i % 2) ? check_rand64() | 1 : (uint64_t)(i + 1) * 1024; /* half with equal low bits */
   for (int round = 0; round < 200000; round++) {
-    int i = (int)(next() % N);
-    if (next() % 3 == 0) {
+    int i = (int)(check_rand64() % N);
+    if (check_rand64() % 3 == 0) {
       void *v = mtp_connmap_del(&m, keys[i]);
       CHECK(v == (present[i] ? &vals[i] : NULL));
       present[i] = 0;
@@ -74,6 +57,5 @@ int main(void) {
   CHECK(m.n == 0);
   mtp_connmap_free(&m);
   mtp_connmap_free(&m); /* idempotent */
-  printf("%d passed, %d failed\n", passed, failed);
-  return 0;
+  return check_report();
 }

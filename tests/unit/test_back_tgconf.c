@@ -24,36 +24,7 @@
 #include "log.h"
 #include "metrics.h"
 #include "tgconf.h"
-
-static int passed, failed;
-#define CHECK(cond)                                                    \
-  do {                                                                 \
-    if (cond) {                                                        \
-      passed++;                                                        \
-    } else {                                                           \
-      fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
-      exit(1);                                                         \
-    }                                                                  \
-  } while (0)
-
-static char tmpdir[256];
-
-static void write_file(const char *name, const void *data, size_t len) {
-  char p[512];
-  snprintf(p, sizeof(p), "%s/%s", tmpdir, name);
-  FILE *f = fopen(p, "wb");
-  CHECK(f != NULL);
-  CHECK(fwrite(data, 1, len, f) == len);
-  fclose(f);
-}
-
-static char *path_of(const char *name) {
-  static char bufs[8][512];
-  static int k;
-  char *p = bufs[k++ % 8];
-  snprintf(p, 512, "%s/%s", tmpdir, name);
-  return p;
-}
+#include "check.h"
 
 static const char CONF2[] = "# test\nproxy_for 2 127.0.0.1:1111;\nproxy_for -2 127.0.0.1:2222;\ndefault 2;\n";
 static const char CONF3[] =
@@ -75,25 +46,54 @@ static void init_cfg(struct mtp_config *cfg) {
   cfg->config_refresh = 3600;
 }
 
-static void on_tick(uv_timer_t *t) { (void)t; }
+struct fetches {
+  struct mtp_back *b;
+  unsigned n;
+};
+static bool p_fetches(void *arg) {
+  struct fetches *f = arg;
+  return mtp_back_fetches_done(f->b) >= f->n;
+}
 
 /* Runs loop until b has completed `n` fetches (bounded). */
 static void run_until_fetches(uv_loop_t *loop, struct mtp_back *b, unsigned n) {
-  uint64_t deadline = uv_now(loop) + 10000;
-  uv_timer_t tick;
-  uv_timer_init(loop, &tick);
-  uv_timer_start(&tick, on_tick, 20, 20); /* keeps UV_RUN_ONCE from blocking forever */
-  while (mtp_back_fetches_done(b) < n && uv_now(loop) < deadline)
-    uv_run(loop, UV_RUN_ONCE);
-  uv_close((uv_handle_t *)&tick, NULL);
-  uv_run(loop, UV_RUN_NOWAIT);
-  CHECK(mtp_back_fetches_done(b) >= n);
+  struct fetches f = {b, n};
+  CHECK(check_run_until(loop, p_fetches, &f, 10000));
 }
 
+/* Starts one more fetch at once and waits for it. */
+static void refresh_and_wait(uv_loop_t *loop, struct mtp_back *b) {
+  unsigned n = mtp_back_fetches_done(b);
+  mtp_back_refresh_now(b);
+  run_until_fetches(loop, b, n + 1);
+}
+
+/* Sets up a back on a new `loop` reading the given sources (cfg is the caller's: it must outlive
+ * the back, and changes to it are seen by later fetches). */
+static struct mtp_back *start_back(uv_loop_t *loop, struct mtp_config *cfg, char *secret, char *conf, char *cache) {
+  uv_loop_init(loop);
+  init_cfg(cfg);
+  cfg->proxy_secret = secret;
+  cfg->proxy_config = conf;
+  cfg->cache_dir = cache;
+  struct mtp_back *b = NULL;
+  CHECK(mtp_back_setup(&b, cfg, loop) == MTP_OK);
+  return b;
+}
+
+/* The back's current snapshot has `naddrs` addresses and, unless secret_len is 0, that long a secret. */
+static void expect_snapshot(struct mtp_back *b, size_t naddrs, size_t secret_len) {
+  struct mtp_tg_snapshot *s = mtp_back_snapshot(b);
+  CHECK(s != NULL && s->cfg.naddrs == naddrs && (secret_len == 0 || s->secret_len == secret_len));
+  mtp_tg_snapshot_release(s);
+}
+
+/* Stops and frees the back, then closes its loop (which must have no handle left). */
 static void finish(uv_loop_t *loop, struct mtp_back *b) {
   mtp_back_stop(b);
   uv_run(loop, UV_RUN_DEFAULT);
   mtp_back_free(b);
+  CHECK(uv_loop_close(loop) == 0);
 }
 
 /* ---- tiny HTTP server ---- */
@@ -193,20 +193,20 @@ static void test_read_source_files(void) {
   char err[256];
   uint8_t *out = NULL;
   size_t len = 0;
-  write_file("a.conf", CONF2, strlen(CONF2));
-  CHECK(mtp_tgconf_read_source(path_of("a.conf"), &out, &len, NULL, err, sizeof(err)) == MTP_OK);
+  check_write_file("a.conf", CONF2, strlen(CONF2));
+  CHECK(mtp_tgconf_read_source(check_path("a.conf"), &out, &len, NULL, err, sizeof(err)) == MTP_OK);
   CHECK(len == strlen(CONF2) && memcmp(out, CONF2, len) == 0 && out[len] == 0);
   free(out);
-  CHECK(mtp_tgconf_read_source(path_of("missing"), &out, &len, NULL, err, sizeof(err)) == MTP_EIO);
+  CHECK(mtp_tgconf_read_source(check_path("missing"), &out, &len, NULL, err, sizeof(err)) == MTP_EIO);
   CHECK(strstr(err, "cannot open") != NULL && out == NULL);
-  write_file("empty", "", 0);
-  CHECK(mtp_tgconf_read_source(path_of("empty"), &out, &len, NULL, err, sizeof(err)) == MTP_EIO);
+  check_write_file("empty", "", 0);
+  CHECK(mtp_tgconf_read_source(check_path("empty"), &out, &len, NULL, err, sizeof(err)) == MTP_EIO);
   CHECK(strstr(err, "empty") != NULL);
   size_t bign = (1u << 20) + 1;
   char *big = calloc(1, bign);
-  write_file("big", big, bign);
+  check_write_file("big", big, bign);
   free(big);
-  CHECK(mtp_tgconf_read_source(path_of("big"), &out, &len, NULL, err, sizeof(err)) == MTP_ETOOBIG);
+  CHECK(mtp_tgconf_read_source(check_path("big"), &out, &len, NULL, err, sizeof(err)) == MTP_ETOOBIG);
   CHECK(mtp_tgconf_read_source("", &out, &len, NULL, err, sizeof(err)) == MTP_EINVAL);
 }
 
@@ -240,11 +240,11 @@ static int count_entries(const char *dir) {
 
 static void test_cache_write_read(void) {
   char err[256];
-  const char *dir = path_of("newcache");
+  const char *dir = check_path("newcache");
   CHECK(mtp_tgconf_cache_write(dir, "x", (const uint8_t *)"hello", 5, err, sizeof(err)) == MTP_OK);
   struct stat st;
   CHECK(stat(dir, &st) == 0 && S_ISDIR(st.st_mode));
-  CHECK(stat(path_of("newcache/x"), &st) == 0 && (st.st_mode & 0777) == 0644 && st.st_size == 5);
+  CHECK(stat(check_path("newcache/x"), &st) == 0 && (st.st_mode & 0777) == 0644 && st.st_size == 5);
   CHECK(mtp_tgconf_cache_write(dir, "x", (const uint8_t *)"world!!", 7, err, sizeof(err)) == MTP_OK);
   CHECK(count_entries(dir) == 1); /* no temporary left behind */
   uint8_t *out = NULL;
@@ -254,24 +254,18 @@ static void test_cache_write_read(void) {
   free(out);
   CHECK(mtp_tgconf_cache_read(dir, "nope", &out, &len, err, sizeof(err)) == MTP_EIO);
   /* a directory that cannot be created */
-  CHECK(mtp_tgconf_cache_write(path_of("missing/parent/dir"), "x", (const uint8_t *)"a", 1, err, sizeof(err)) ==
+  CHECK(mtp_tgconf_cache_write(check_path("missing/parent/dir"), "x", (const uint8_t *)"a", 1, err, sizeof(err)) ==
         MTP_EIO);
 }
 
 static void test_back_files_and_refresh(void) {
-  uv_loop_t loop;
-  uv_loop_init(&loop);
-  write_file("secret", SECRET, sizeof(SECRET));
-  write_file("conf", CONF2, strlen(CONF2));
-  struct mtp_config cfg;
-  init_cfg(&cfg);
-  cfg.proxy_secret = path_of("secret");
-  cfg.proxy_config = path_of("conf");
-  cfg.cache_dir = path_of("cache1");
+  check_write_file("secret", SECRET, sizeof(SECRET));
+  check_write_file("conf", CONF2, strlen(CONF2));
   int64_t ok0 = metric(MTP_M_TGCONF_FETCH_OK), fail0 = metric(MTP_M_TGCONF_FETCH_FAIL);
 
-  struct mtp_back *b = NULL;
-  CHECK(mtp_back_setup(&b, &cfg, &loop) == MTP_OK);
+  uv_loop_t loop;
+  struct mtp_config cfg;
+  struct mtp_back *b = start_back(&loop, &cfg, check_path("secret"), check_path("conf"), check_path("cache1"));
   CHECK(mtp_back_snapshot(b) == NULL); /* nothing cached yet, nothing fetched yet */
   CHECK(mtp_back_wait_ready(b, 5000) == MTP_OK);
   struct mtp_tg_snapshot *s1 = mtp_back_snapshot(b);
@@ -281,96 +275,70 @@ static void test_back_files_and_refresh(void) {
   /* wait_ready left no handle of its own behind, and the fetch wrote the cache */
   run_until_fetches(&loop, b, 1);
   struct stat st;
-  CHECK(stat(path_of("cache1/" MTP_TGCONF_CACHE_SECRET), &st) == 0 && st.st_size == (off_t)sizeof(SECRET));
-  CHECK(stat(path_of("cache1/" MTP_TGCONF_CACHE_CONFIG), &st) == 0 && st.st_size == (off_t)strlen(CONF2));
+  CHECK(stat(check_path("cache1/" MTP_TGCONF_CACHE_SECRET), &st) == 0 && st.st_size == (off_t)sizeof(SECRET));
+  CHECK(stat(check_path("cache1/" MTP_TGCONF_CACHE_CONFIG), &st) == 0 && st.st_size == (off_t)strlen(CONF2));
 
   /* malformed list: the last good one stays (and the cache keeps it too) */
-  write_file("conf", BADCONF, strlen(BADCONF));
-  unsigned n = mtp_back_fetches_done(b);
-  mtp_back_refresh_now(b);
-  run_until_fetches(&loop, b, n + 1);
+  check_write_file("conf", BADCONF, strlen(BADCONF));
+  refresh_and_wait(&loop, b);
   struct mtp_tg_snapshot *s2 = mtp_back_snapshot(b);
   CHECK(s2 != NULL && s2->cfg.naddrs == 2 && s2->cfg.default_dc == 2);
   CHECK(metric(MTP_M_TGCONF_FETCH_FAIL) == fail0 + 1);
-  CHECK(stat(path_of("cache1/" MTP_TGCONF_CACHE_CONFIG), &st) == 0 && st.st_size == (off_t)strlen(CONF2));
+  CHECK(stat(check_path("cache1/" MTP_TGCONF_CACHE_CONFIG), &st) == 0 && st.st_size == (off_t)strlen(CONF2));
   mtp_tg_snapshot_release(s2);
 
   /* missing sources: still the last good snapshot */
-  remove(path_of("conf"));
-  write_file("secret", "short", 5);
-  n = mtp_back_fetches_done(b);
-  mtp_back_refresh_now(b);
-  run_until_fetches(&loop, b, n + 1);
-  s2 = mtp_back_snapshot(b);
-  CHECK(s2 != NULL && s2->cfg.naddrs == 2 && s2->secret_len == sizeof(SECRET));
+  remove(check_path("conf"));
+  check_write_file("secret", "short", 5);
+  refresh_and_wait(&loop, b);
+  expect_snapshot(b, 2, sizeof(SECRET));
   CHECK(metric(MTP_M_TGCONF_FETCH_FAIL) == fail0 + 3);
-  mtp_tg_snapshot_release(s2);
 
   /* a good new list replaces it; the old snapshot stays valid while referenced */
-  write_file("secret", SECRET, sizeof(SECRET));
-  write_file("conf", CONF3, strlen(CONF3));
-  n = mtp_back_fetches_done(b);
-  mtp_back_refresh_now(b);
-  run_until_fetches(&loop, b, n + 1);
+  check_write_file("secret", SECRET, sizeof(SECRET));
+  check_write_file("conf", CONF3, strlen(CONF3));
+  refresh_and_wait(&loop, b);
   s2 = mtp_back_snapshot(b);
   CHECK(s2 != NULL && s2 != s1 && s2->cfg.naddrs == 3);
   CHECK(s1->cfg.naddrs == 2 && memcmp(s1->secret, SECRET, 16) == 0); /* still readable */
   CHECK(atomic_load(&s1->_refs) == 1);                               /* only ours is left */
   mtp_tg_snapshot_release(s1);
   mtp_tg_snapshot_release(s2);
-  CHECK(stat(path_of("cache1/" MTP_TGCONF_CACHE_CONFIG), &st) == 0 && st.st_size == (off_t)strlen(CONF3));
+  CHECK(stat(check_path("cache1/" MTP_TGCONF_CACHE_CONFIG), &st) == 0 && st.st_size == (off_t)strlen(CONF3));
 
   finish(&loop, b);
-  CHECK(uv_loop_close(&loop) == 0);
 }
 
 static void test_back_cache_first(void) {
   uv_loop_t loop;
-  uv_loop_init(&loop);
   struct mtp_config cfg;
-  init_cfg(&cfg);
-  cfg.proxy_secret = path_of("no-such-secret");
-  cfg.proxy_config = path_of("no-such-conf");
-  cfg.cache_dir = path_of("cache1"); /* written by the previous test: CONF3 */
-  struct mtp_back *b = NULL;
-  CHECK(mtp_back_setup(&b, &cfg, &loop) == MTP_OK);
-  struct mtp_tg_snapshot *s = mtp_back_snapshot(b); /* before the loop ran at all */
-  CHECK(s != NULL && s->cfg.naddrs == 3 && s->secret_len == sizeof(SECRET));
-  mtp_tg_snapshot_release(s);
+  struct mtp_back *b = start_back(&loop, &cfg, check_path("no-such-secret"), check_path("no-such-conf"),
+                                  check_path("cache1")); /* written by the previous test: CONF3 */
+  expect_snapshot(b, 3, sizeof(SECRET)); /* before the loop ran at all */
   CHECK(mtp_back_wait_ready(b, 10) == MTP_OK);
   int64_t fail0 = metric(MTP_M_TGCONF_FETCH_FAIL);
   run_until_fetches(&loop, b, 1);
   CHECK(metric(MTP_M_TGCONF_FETCH_FAIL) == fail0 + 2);
-  s = mtp_back_snapshot(b);
-  CHECK(s != NULL && s->cfg.naddrs == 3);
-  mtp_tg_snapshot_release(s);
+  expect_snapshot(b, 3, 0);
   finish(&loop, b);
-  CHECK(uv_loop_close(&loop) == 0);
 
   /* a corrupt cache is ignored */
-  write_file("cache1/" MTP_TGCONF_CACHE_CONFIG, BADCONF, strlen(BADCONF));
+  check_write_file("cache1/" MTP_TGCONF_CACHE_CONFIG, BADCONF, strlen(BADCONF));
   uv_loop_init(&loop);
   CHECK(mtp_back_setup(&b, &cfg, &loop) == MTP_OK);
   CHECK(mtp_back_snapshot(b) == NULL);
   finish(&loop, b);
-  CHECK(uv_loop_close(&loop) == 0);
 }
 
 static void test_back_short_secret(void) {
+  check_write_file("short", "0123456789", 10);
+  check_write_file("conf", CONF2, strlen(CONF2));
   uv_loop_t loop;
-  uv_loop_init(&loop);
-  write_file("short", "0123456789", 10);
-  write_file("conf", CONF2, strlen(CONF2));
   struct mtp_config cfg;
-  init_cfg(&cfg);
-  cfg.proxy_secret = path_of("short");
-  cfg.proxy_config = path_of("conf");
-  struct mtp_back *b = NULL;
-  CHECK(mtp_back_setup(&b, &cfg, &loop) == MTP_OK);
+  struct mtp_back *b = start_back(&loop, &cfg, check_path("short"), check_path("conf"), NULL);
   CHECK(mtp_back_wait_ready(b, 300) == MTP_ENOCONFIG);
   CHECK(mtp_back_snapshot(b) == NULL);
   finish(&loop, b);
-  CHECK(uv_loop_close(&loop) == 0);
 }
 
 static void test_http(void) {
@@ -390,43 +358,25 @@ static void test_http(void) {
 
   /* the whole back through URLs; then the config URL starts failing */
   uv_loop_t loop;
-  uv_loop_init(&loop);
   struct mtp_config cfg;
-  init_cfg(&cfg);
-  cfg.proxy_secret = url_of("/secret");
-  cfg.proxy_config = url_of("/conf");
-  struct mtp_back *b = NULL;
-  CHECK(mtp_back_setup(&b, &cfg, &loop) == MTP_OK);
+  struct mtp_back *b = start_back(&loop, &cfg, url_of("/secret"), url_of("/conf"), NULL);
   CHECK(mtp_back_wait_ready(b, 10000) == MTP_OK);
-  struct mtp_tg_snapshot *s = mtp_back_snapshot(b);
-  CHECK(s != NULL && s->cfg.naddrs == 2 && s->secret_len == sizeof(SECRET));
-  mtp_tg_snapshot_release(s);
+  expect_snapshot(b, 2, sizeof(SECRET));
   run_until_fetches(&loop, b, 1);
   cfg.proxy_config = url_of("/fail");
-  unsigned n = mtp_back_fetches_done(b);
   int64_t fail0 = metric(MTP_M_TGCONF_FETCH_FAIL);
-  mtp_back_refresh_now(b);
-  run_until_fetches(&loop, b, n + 1);
+  refresh_and_wait(&loop, b);
   CHECK(metric(MTP_M_TGCONF_FETCH_FAIL) == fail0 + 1);
-  s = mtp_back_snapshot(b);
-  CHECK(s != NULL && s->cfg.naddrs == 2);
-  mtp_tg_snapshot_release(s);
+  expect_snapshot(b, 2, 0);
   finish(&loop, b);
-  CHECK(uv_loop_close(&loop) == 0);
 }
 
 static void test_stop_during_fetch(void) {
   /* stop right after setup: the queued fetch completes or is cancelled, the loop ends */
   uv_loop_t loop;
-  uv_loop_init(&loop);
   struct mtp_config cfg;
-  init_cfg(&cfg);
-  cfg.proxy_secret = url_of("/secret");
-  cfg.proxy_config = url_of("/conf");
-  struct mtp_back *b = NULL;
-  CHECK(mtp_back_setup(&b, &cfg, &loop) == MTP_OK);
+  struct mtp_back *b = start_back(&loop, &cfg, url_of("/secret"), url_of("/conf"), NULL);
   finish(&loop, b);
-  CHECK(uv_loop_close(&loop) == 0);
 }
 
 int main(void) {
@@ -436,8 +386,7 @@ int main(void) {
     mtp_log_level = MTP_LOG_DEBUG;
   for (size_t i = 0; i < sizeof(SECRET); i++)
     SECRET[i] = (uint8_t)(i * 7 + 3);
-  snprintf(tmpdir, sizeof(tmpdir), "/tmp/test_back_tgconf.XXXXXX");
-  CHECK(mkdtemp(tmpdir) != NULL);
+  check_tmpdir_make("test_back_tgconf");
   http_start();
   test_read_source_files();
   test_build();
@@ -448,9 +397,6 @@ int main(void) {
   test_http();
   test_stop_during_fetch();
   http_stop();
-  char cmd[512];
-  snprintf(cmd, sizeof(cmd), "rm -rf '%s'", tmpdir);
-  (void)!system(cmd);
-  printf("%d passed, %d failed\n", passed, failed);
-  return 0;
+  check_tmpdir_remove();
+  return check_report();
 }

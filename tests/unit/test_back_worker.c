@@ -22,37 +22,11 @@
 #include "log.h"
 #include "metrics.h"
 #include "rpc.h"
+#include "check.h"
 
-static int passed, failed;
-#define CHECK(cond)                                                    \
-  do {                                                                 \
-    if (cond) {                                                        \
-      passed++;                                                        \
-    } else {                                                           \
-      fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
-      exit(1);                                                         \
-    }                                                                  \
-  } while (0)
-
-static char tmpdir[256];
 static uint8_t SECRET[128];
 static uv_loop_t loop;
 static struct fake_middle *fm;
-
-static char *path_of(const char *name) {
-  static char bufs[8][512];
-  static int k;
-  char *p = bufs[k++ % 8];
-  snprintf(p, 512, "%s/%s", tmpdir, name);
-  return p;
-}
-
-static void write_file(const char *name, const void *data, size_t len) {
-  FILE *f = fopen(path_of(name), "wb");
-  CHECK(f != NULL);
-  CHECK(fwrite(data, 1, len, f) == len);
-  fclose(f);
-}
 
 static int64_t metric(enum mtp_metric m) {
   int64_t v[MTP_M__COUNT];
@@ -102,23 +76,6 @@ static void f_writable(void *front) { ((struct tfront *)front)->writables++; }
 static const struct mtp_link_front_ops OPS = {f_packet, f_quickack, f_close, f_writable};
 
 /* ---- driving the loop ---- */
-
-static void on_tick(uv_timer_t *t) { (void)t; }
-
-/* Runs the loop until pred() holds, at most timeout_ms. */
-static bool run_until(bool (*pred)(void *), void *arg, int timeout_ms) {
-  uv_timer_t tick;
-  uv_timer_init(&loop, &tick);
-  uv_timer_start(&tick, on_tick, 10, 10);
-  uv_update_time(&loop);
-  uint64_t deadline = uv_now(&loop) + (uint64_t)timeout_ms;
-  bool ok;
-  while (!(ok = pred(arg)) && uv_now(&loop) < deadline)
-    uv_run(&loop, UV_RUN_ONCE);
-  uv_close((uv_handle_t *)&tick, NULL);
-  uv_run(&loop, UV_RUN_NOWAIT);
-  return ok;
-}
 
 static int want_packets = 1;
 static bool p_packets(void *a) { return ((struct tfront *)a)->packets >= want_packets; }
@@ -189,24 +146,48 @@ static void init_cfg(struct mtp_config *cfg) {
   cfg->config_refresh = 3600;
 }
 
+/* The usual config: the secret and `conf` from the scratch dir (callers may change it before start). */
+static void cfg_for(struct mtp_config *cfg, const char *conf) {
+  init_cfg(cfg);
+  cfg->proxy_secret = check_path("secret");
+  cfg->proxy_config = check_path(conf);
+}
+
+/* Sets up the back (waiting for its first config when `wait`) and worker `index`; returns its link.
+ * cfg must outlive the back. */
+static struct mtp_link *start(const struct mtp_config *cfg, bool wait, int index, struct mtp_back **b,
+                              struct mtp_back_worker **w) {
+  *b = NULL;
+  *w = NULL;
+  CHECK(mtp_back_setup(b, cfg, &loop) == MTP_OK);
+  if (wait)
+    CHECK(mtp_back_wait_ready(*b, 5000) == MTP_OK);
+  CHECK(mtp_back_worker_setup(w, *b, &loop, index) == MTP_OK);
+  return mtp_back_worker_link(*w);
+}
+
+/* Stops the worker and the back, lets every handle close, frees both. */
+static void stop(struct mtp_back *b, struct mtp_back_worker *w) {
+  mtp_back_worker_stop(w);
+  mtp_back_stop(b);
+  uv_run(&loop, UV_RUN_DEFAULT);
+  mtp_back_worker_free(w);
+  mtp_back_free(b);
+}
+
 static void test_main_flow(void) {
   struct mtp_config cfg;
-  init_cfg(&cfg);
-  cfg.proxy_secret = path_of("secret");
-  cfg.proxy_config = path_of("conf");
-  struct mtp_back *b = NULL;
-  CHECK(mtp_back_setup(&b, &cfg, &loop) == MTP_OK);
-  CHECK(mtp_back_wait_ready(b, 5000) == MTP_OK);
-  struct mtp_back_worker *w = NULL;
-  CHECK(mtp_back_worker_setup(&w, b, &loop, 0) == MTP_OK);
-  struct mtp_link *link = mtp_back_worker_link(w);
+  cfg_for(&cfg, "conf");
+  struct mtp_back *b;
+  struct mtp_back_worker *w;
+  struct mtp_link *link = start(&cfg, true, 0, &b, &w);
   int64_t opened0 = metric(MTP_M_RPC_CONNS_OPENED), mig0 = metric(MTP_M_RPC_MIGRATIONS);
 
   /* 1. a packet while connecting, echoed back once ready */
   struct tfront *f1 = open_front(link, 2);
   CHECK(metric(MTP_M_RPC_STREAMS) == 1);
   CHECK(send_pkt(f1, 64, 1, false) == MTP_OK);
-  CHECK(run_until(p_packets, f1, 5000));
+  CHECK(check_run_until(&loop, p_packets, f1, 5000));
   CHECK(f1->last_len == 64 && memcmp(f1->last, pkt, 64) == 0);
   CHECK(metric(MTP_M_RPC_CONNS_OPENED) == opened0 + 1 && metric(MTP_M_RPC_CONNS) == 1);
   struct fm_conn_info info;
@@ -222,22 +203,22 @@ static void test_main_flow(void) {
 
   /* 2. quick ack */
   CHECK(send_pkt(f1, 32, 2, true) == MTP_OK);
-  CHECK(run_until(p_quickack, f1, 5000));
+  CHECK(check_run_until(&loop, p_quickack, f1, 5000));
   CHECK(f1->last_token == fm_quickack_token(pkt, 32));
   want_packets = 2;
-  CHECK(run_until(p_packets, f1, 5000));
+  CHECK(check_run_until(&loop, p_packets, f1, 5000));
   want_packets = 1;
 
   /* 3. a second stream shares the connection; RPC_CLOSE_EXT closes it */
   struct tfront *f2 = open_front(link, 2);
   CHECK(send_pkt(f2, 16, 3, false) == MTP_OK);
-  CHECK(run_until(p_packets, f2, 5000));
+  CHECK(check_run_until(&loop, p_packets, f2, 5000));
   struct fm_stats st;
   fm_get_stats(fm, &st);
   CHECK(st.accepted == 1);
   CHECK(fm_conn_count(fm) == 2 && fm_conn_at(fm, 1, &info) == MTP_OK);
   CHECK(fm_close_ext(fm, info.conn_id) == MTP_OK);
-  CHECK(run_until(p_closed, f2, 5000));
+  CHECK(check_run_until(&loop, p_closed, f2, 5000));
   CHECK(f2->close_reason == MTP_LINK_CLOSE_NORMAL);
   CHECK(metric(MTP_M_RPC_STREAMS) == 1);
 
@@ -245,20 +226,20 @@ static void test_main_flow(void) {
   struct tfront *f3 = open_front(link, -2);
   f3->close_in_packet = true;
   CHECK(send_pkt(f3, 16, 4, false) == MTP_OK);
-  CHECK(run_until(p_packets, f3, 5000));
+  CHECK(check_run_until(&loop, p_packets, f3, 5000));
   want = 1;
-  CHECK(run_until(p_fm_close_conns, NULL, 5000));
+  CHECK(check_run_until(&loop, p_fm_close_conns, NULL, 5000));
   CHECK(metric(MTP_M_RPC_STREAMS) == 1 && f3->closes == 0);
 
   /* 5. Telegram closes the connection: the idle stream moves, transparently */
   CHECK(fm_close_all(fm) == 2); /* dc 2's and dc -2's */
   want = 3;
-  CHECK(run_until(p_fm_handshakes, NULL, 5000));
+  CHECK(check_run_until(&loop, p_fm_handshakes, NULL, 5000));
   fm_get_stats(fm, &st);
   uint64_t reqs = st.proxy_reqs;
   f1->packets = 0;
   CHECK(send_pkt(f1, 24, 5, false) == MTP_OK);
-  CHECK(run_until(p_packets, f1, 5000));
+  CHECK(check_run_until(&loop, p_packets, f1, 5000));
   CHECK(f1->closes == 0 && metric(MTP_M_RPC_MIGRATIONS) == mig0 + 1);
   CHECK(fm_conn_find(fm, id1, &info) == MTP_OK && info.rpc_conn == 3);
   CHECK(reqs + 1 == (fm_get_stats(fm, &st), st.proxy_reqs));
@@ -267,9 +248,9 @@ static void test_main_flow(void) {
   fm_set_mode(fm, FM_SILENT);
   CHECK(send_pkt(f1, 24, 6, false) == MTP_OK);
   want = reqs + 2;
-  CHECK(run_until(p_fm_reqs, NULL, 5000));
+  CHECK(check_run_until(&loop, p_fm_reqs, NULL, 5000));
   CHECK(fm_close_all(fm) >= 1);
-  CHECK(run_until(p_closed, f1, 5000));
+  CHECK(check_run_until(&loop, p_closed, f1, 5000));
   CHECK(f1->close_reason == MTP_LINK_CLOSE_UPSTREAM);
   fm_set_mode(fm, FM_ANSWER);
   CHECK(metric(MTP_M_RPC_STREAMS) == 0);
@@ -277,7 +258,7 @@ static void test_main_flow(void) {
   /* 7. backpressure: a stalled middle proxy fills the queue; on_writable once it drains */
   struct tfront *f4 = open_front(link, 2);
   CHECK(send_pkt(f4, 16, 7, false) == MTP_OK);
-  CHECK(run_until(p_packets, f4, 5000));
+  CHECK(check_run_until(&loop, p_packets, f4, 5000));
   fm_set_mode(fm, FM_STALLED);
   int rc = MTP_OK, sent = 0;
   for (sent = 0; sent < 200 && rc == MTP_OK; sent++)
@@ -286,7 +267,7 @@ static void test_main_flow(void) {
   CHECK(sent >= 8); /* at least the 8 MiB high-water mark */
   CHECK(f4->writables == 0);
   fm_set_mode(fm, FM_ANSWER);
-  CHECK(run_until(p_writable, f4, 20000));
+  CHECK(check_run_until(&loop, p_writable, f4, 20000));
   CHECK(f4->writables == 1 && f4->closes == 0);
 
   /* 8. shutdown: every stream gets SHUTDOWN, every handle closes */
@@ -324,46 +305,30 @@ static void test_no_dc(void) {
   char conf[256];
   snprintf(conf, sizeof(conf), "proxy_for 2 127.0.0.1:%u;\nproxy_for 2 127.0.0.1:%u;\ndefault 2;\n", closed_port(),
            closed_port());
-  write_file("conf-dead", conf, strlen(conf));
+  check_write_file("conf-dead", conf, strlen(conf));
   struct mtp_config cfg;
-  init_cfg(&cfg);
-  cfg.proxy_secret = path_of("secret");
-  cfg.proxy_config = path_of("conf-dead");
-  struct mtp_back *b = NULL;
-  CHECK(mtp_back_setup(&b, &cfg, &loop) == MTP_OK);
-  CHECK(mtp_back_wait_ready(b, 5000) == MTP_OK);
-  struct mtp_back_worker *w = NULL;
-  CHECK(mtp_back_worker_setup(&w, b, &loop, 1) == MTP_OK);
-  struct mtp_link *link = mtp_back_worker_link(w);
+  cfg_for(&cfg, "conf-dead");
+  struct mtp_back *b;
+  struct mtp_back_worker *w;
+  struct mtp_link *link = start(&cfg, true, 1, &b, &w);
   int64_t failed0 = metric(MTP_M_RPC_CONNS_FAILED);
   struct tfront *f = open_front(link, 5); /* unknown DC: the default's addresses */
   CHECK(send_pkt(f, 16, 1, false) == MTP_OK);
-  CHECK(run_until(p_closed, f, 5000));
+  CHECK(check_run_until(&loop, p_closed, f, 5000));
   CHECK(f->close_reason == MTP_LINK_CLOSE_NO_DC);
   CHECK(metric(MTP_M_RPC_CONNS_FAILED) == failed0 + 3);
   CHECK(metric(MTP_M_RPC_STREAMS) == 0);
-
-  /* no config for the DC and no default: open fails at once */
-  mtp_back_worker_stop(w);
-  mtp_back_stop(b);
-  uv_run(&loop, UV_RUN_DEFAULT);
-  mtp_back_worker_free(w);
-  mtp_back_free(b);
+  stop(b, w);
   free(f);
 }
 
 static void test_handshake_timeout(void) {
   struct mtp_config cfg;
-  init_cfg(&cfg);
-  cfg.proxy_secret = path_of("secret");
-  cfg.proxy_config = path_of("conf");
+  cfg_for(&cfg, "conf");
   cfg.dc_connect_timeout = 0.2;
-  struct mtp_back *b = NULL;
-  CHECK(mtp_back_setup(&b, &cfg, &loop) == MTP_OK);
-  CHECK(mtp_back_wait_ready(b, 5000) == MTP_OK);
-  struct mtp_back_worker *w = NULL;
-  CHECK(mtp_back_worker_setup(&w, b, &loop, 2) == MTP_OK);
-  struct mtp_link *link = mtp_back_worker_link(w);
+  struct mtp_back *b;
+  struct mtp_back_worker *w;
+  struct mtp_link *link = start(&cfg, true, 2, &b, &w);
   fm_set_mode(fm, FM_STALLED); /* accepts, never answers the nonce */
   int64_t failed0 = metric(MTP_M_RPC_CONNS_FAILED);
   struct tfront *f = open_front(link, 2);
@@ -374,30 +339,21 @@ static void test_handshake_timeout(void) {
   CHECK(send_pkt(f, sizeof(pkt), 4, false) == MTP_LINK_FULL);
   CHECK(send_pkt(f, sizeof(pkt), 5, false) == MTP_EBACKPRESSURE);
   CHECK(send_pkt(f, 6, 5, false) == MTP_EPROTO); /* not a multiple of 4 */
-  CHECK(run_until(p_closed, f, 5000));
+  CHECK(check_run_until(&loop, p_closed, f, 5000));
   CHECK(f->close_reason == MTP_LINK_CLOSE_NO_DC && f->writables == 0);
   CHECK(metric(MTP_M_RPC_CONNS_FAILED) == failed0 + 3);
   fm_set_mode(fm, FM_ANSWER);
-  mtp_back_worker_stop(w);
-  mtp_back_stop(b);
-  uv_run(&loop, UV_RUN_DEFAULT);
-  mtp_back_worker_free(w);
-  mtp_back_free(b);
+  stop(b, w);
   free(f);
 }
 
 static void test_max_clients(void) {
   struct mtp_config cfg;
-  init_cfg(&cfg);
-  cfg.proxy_secret = path_of("secret");
-  cfg.proxy_config = path_of("conf");
+  cfg_for(&cfg, "conf");
   cfg.dc_conn_max_clients = 2;
-  struct mtp_back *b = NULL;
-  CHECK(mtp_back_setup(&b, &cfg, &loop) == MTP_OK);
-  CHECK(mtp_back_wait_ready(b, 5000) == MTP_OK);
-  struct mtp_back_worker *w = NULL;
-  CHECK(mtp_back_worker_setup(&w, b, &loop, 4) == MTP_OK);
-  struct mtp_link *link = mtp_back_worker_link(w);
+  struct mtp_back *b;
+  struct mtp_back_worker *w;
+  struct mtp_link *link = start(&cfg, true, 4, &b, &w);
   struct fm_stats st;
   fm_get_stats(fm, &st);
   unsigned acc0 = st.accepted;
@@ -409,7 +365,7 @@ static void test_max_clients(void) {
   CHECK(metric(MTP_M_RPC_CONNS) == conns0 + 3);
   for (int i = 0; i < 5; i++) {
     CHECK(send_pkt(f[i], 16, (uint8_t)i, false) == MTP_OK);
-    CHECK(run_until(p_packets, f[i], 5000));
+    CHECK(check_run_until(&loop, p_packets, f[i], 5000));
   }
   fm_get_stats(fm, &st);
   CHECK(st.accepted == acc0 + 3);
@@ -432,45 +388,33 @@ static void test_max_clients(void) {
  * (which sees 127.0.0.1) cannot decrypt our handshake, which shows the substitution happens. */
 static void test_nat_used_in_keys(void) {
   struct mtp_config cfg;
-  init_cfg(&cfg);
-  cfg.proxy_secret = path_of("secret");
-  cfg.proxy_config = path_of("conf");
+  cfg_for(&cfg, "conf");
   cfg.has_nat = true;
   cfg.nat_local = 0x7f000001;
   cfg.nat_public = 0x01020304;
-  struct mtp_back *b = NULL;
-  CHECK(mtp_back_setup(&b, &cfg, &loop) == MTP_OK);
-  CHECK(mtp_back_wait_ready(b, 5000) == MTP_OK);
-  struct mtp_back_worker *w = NULL;
-  CHECK(mtp_back_worker_setup(&w, b, &loop, 5) == MTP_OK);
+  struct mtp_back *b;
+  struct mtp_back_worker *w;
+  struct mtp_link *link = start(&cfg, true, 5, &b, &w);
   struct fm_stats st;
   fm_get_stats(fm, &st);
   unsigned bad0 = st.bad, hs0 = st.handshakes;
-  struct tfront *f = open_front(mtp_back_worker_link(w), 2);
-  CHECK(run_until(p_closed, f, 5000));
+  struct tfront *f = open_front(link, 2);
+  CHECK(check_run_until(&loop, p_closed, f, 5000));
   CHECK(f->close_reason == MTP_LINK_CLOSE_NO_DC);
   fm_get_stats(fm, &st);
   CHECK(st.handshakes == hs0 && st.bad >= bad0 + 1);
-  mtp_back_worker_stop(w);
-  mtp_back_stop(b);
-  uv_run(&loop, UV_RUN_DEFAULT);
-  mtp_back_worker_free(w);
-  mtp_back_free(b);
+  stop(b, w);
   free(f);
 }
 
 static void test_no_config(void) {
   char conf[] = "proxy_for 4 127.0.0.1:1;\n";
-  write_file("conf-nodefault", conf, strlen(conf));
+  check_write_file("conf-nodefault", conf, strlen(conf));
   struct mtp_config cfg;
-  init_cfg(&cfg);
-  cfg.proxy_secret = path_of("secret");
-  cfg.proxy_config = path_of("conf-nodefault");
-  struct mtp_back *b = NULL;
-  CHECK(mtp_back_setup(&b, &cfg, &loop) == MTP_OK);
-  struct mtp_back_worker *w = NULL;
-  CHECK(mtp_back_worker_setup(&w, b, &loop, 3) == MTP_OK);
-  struct mtp_link *link = mtp_back_worker_link(w);
+  cfg_for(&cfg, "conf-nodefault");
+  struct mtp_back *b;
+  struct mtp_back_worker *w;
+  struct mtp_link *link = start(&cfg, false, 3, &b, &w);
   struct mtp_link_open o;
   make_open(&o, 2);
   int err = 0;
@@ -478,11 +422,7 @@ static void test_no_config(void) {
   CHECK(link->open(link, &o, &f, &OPS, &err) == NULL && err == MTP_ENOCONFIG); /* nothing loaded yet */
   CHECK(mtp_back_wait_ready(b, 5000) == MTP_OK);
   CHECK(link->open(link, &o, &f, &OPS, &err) == NULL && err == MTP_ENODC);
-  mtp_back_worker_stop(w);
-  mtp_back_stop(b);
-  uv_run(&loop, UV_RUN_DEFAULT);
-  mtp_back_worker_free(w);
-  mtp_back_free(b);
+  stop(b, w);
 }
 
 static void fm_log(void *arg, const char *line) { fprintf(stderr, "fake: %s\n", line); }
@@ -492,15 +432,14 @@ int main(void) {
   mtp_log_level = getenv("MTP_TEST_VERBOSE") ? MTP_LOG_DEBUG : MTP_LOG_ERROR;
   for (size_t i = 0; i < sizeof(SECRET); i++)
     SECRET[i] = (uint8_t)(i * 13 + 5);
-  snprintf(tmpdir, sizeof(tmpdir), "/tmp/test_back_worker.XXXXXX");
-  CHECK(mkdtemp(tmpdir) != NULL);
+  check_tmpdir_make("test_back_worker");
   struct fm_options fo = {0};
   if (getenv("MTP_TEST_VERBOSE"))
     fo.log_cb = fm_log;
   int port = fm_start_ex(SECRET, sizeof(SECRET), &fo, &fm);
   CHECK(port > 0);
-  write_file("secret", SECRET, sizeof(SECRET));
-  CHECK(fm_write_proxy_config(path_of("conf"), (uint16_t)port) == MTP_OK);
+  check_write_file("secret", SECRET, sizeof(SECRET));
+  CHECK(fm_write_proxy_config(check_path("conf"), (uint16_t)port) == MTP_OK);
   CHECK(uv_loop_init(&loop) == 0);
   test_main_flow();
   test_no_dc();
@@ -510,9 +449,6 @@ int main(void) {
   test_no_config();
   CHECK(uv_loop_close(&loop) == 0);
   fm_free(fm);
-  char cmd[512];
-  snprintf(cmd, sizeof(cmd), "rm -rf '%s'", tmpdir);
-  (void)!system(cmd);
-  printf("%d passed, %d failed\n", passed, failed);
-  return 0;
+  check_tmpdir_remove();
+  return check_report();
 }

@@ -16,33 +16,9 @@
 #include "err.h"
 #include "log.h"
 #include "obf2.h"
+#include "check.h"
 
 #include "banned.h"
-
-static int passed, failed;
-
-#define CHECK(cond)                                                    \
-  do {                                                                 \
-    if (cond) {                                                        \
-      passed++;                                                        \
-    } else {                                                           \
-      fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
-      failed++;                                                        \
-      exit(1);                                                         \
-    }                                                                  \
-  } while (0)
-
-#define CHECK_MSG(cond, ...)                                           \
-  do {                                                                 \
-    if (cond) {                                                        \
-      passed++;                                                        \
-    } else {                                                           \
-      fprintf(stderr, "%s:%d: CHECK failed: %s: ", __FILE__, __LINE__, #cond); \
-      fprintf(stderr, __VA_ARGS__);                                    \
-      fprintf(stderr, "\n");                                           \
-      exit(1);                                                         \
-    }                                                                  \
-  } while (0)
 
 #define SECRET_A "0123456789abcdef0123456789abcdef"
 #define SECRET_B "fedcba9876543210fedcba9876543210"
@@ -618,6 +594,5 @@ int main(void) {
   test_json_errors();
   test_examples();
   test_alloc_failures();
-  printf("%d passed, %d failed\n", passed, failed);
-  return failed == 0 ? 0 : 1;
+  return check_report();
 }

@@ -11,17 +11,7 @@
 
 #include "crypto.h"
 #include "err.h"
-
-static int passed;
-
-#define CHECK(cond)                                                            \
-  do {                                                                         \
-    if (!(cond)) {                                                             \
-      fprintf(stderr, "%s:%d: check failed: %s\n", __FILE__, __LINE__, #cond); \
-      exit(1);                                                                 \
-    }                                                                          \
-    passed++;                                                                  \
-  } while (0)
+#include "check.h"
 
 /* Decodes a hex literal into a static-sized buffer; fails the test on bad input. */
 static size_t unhex(const char *hex, uint8_t *out, size_t cap) {
@@ -35,19 +25,6 @@ static void check_hex(const uint8_t *got, size_t n, const char *want_hex) {
   size_t wn = unhex(want_hex, want, sizeof want);
   CHECK(wn == n);
   CHECK(memcmp(got, want, n) == 0);
-}
-
-/* Deterministic filler so failures are reproducible. */
-static uint64_t test_rng = 0x1234567887654321ull;
-static uint32_t trand(void) {
-  test_rng ^= test_rng << 13;
-  test_rng ^= test_rng >> 7;
-  test_rng ^= test_rng << 17;
-  return (uint32_t)(test_rng >> 16);
-}
-static void tfill(uint8_t *p, size_t n) {
-  for (size_t i = 0; i < n; i++)
-    p[i] = (uint8_t)trand();
 }
 
 static void test_hashes(void) {
@@ -119,7 +96,7 @@ static void test_crc(void) {
   CHECK(mtp_crc32c(0, buf, 32) == 0x113FDB5Cu);
   /* Running values: any split gives the one-shot result (exercises the 8-byte path too). */
   uint8_t big[1000];
-  tfill(big, sizeof big);
+  check_fill(big, sizeof big);
   uint32_t one32 = mtp_crc32(0, big, sizeof big), one32c = mtp_crc32c(0, big, sizeof big);
   for (size_t k = 0; k <= sizeof big; k += 7) {
     CHECK(mtp_crc32(mtp_crc32(0, big, k), big + k, sizeof big - k) == one32);
@@ -162,8 +139,8 @@ static void test_aes_ctr_splits(void) {
   enum { N = 5000 };
   static uint8_t pt[N], ref[N], out[N];
   uint8_t key[32];
-  tfill(key, sizeof key);
-  tfill(pt, sizeof pt);
+  check_fill(key, sizeof key);
+  check_fill(pt, sizeof pt);
   const char *ivs[] = {"000102030405060708090a0b0c0d0e0f", "ffffffffffffffffffffffffffffffff",
                        "00000000000000fffffffffffffffff0", "0123456789abcdef0123456789abcdff"};
   for (size_t v = 0; v < sizeof ivs / sizeof ivs[0]; v++) {
@@ -191,7 +168,7 @@ static void test_aes_ctr_splits(void) {
       size_t pos = 0;
       while (pos < N) {
         static const size_t sizes[] = {0, 1, 3, 15, 16, 17, 31, 32, 33, 64, 100, 257, 1000};
-        size_t k = sizes[trand() % (sizeof sizes / sizeof sizes[0])];
+        size_t k = sizes[check_rand32() % (sizeof sizes / sizeof sizes[0])];
         if (k > N - pos)
           k = N - pos;
         mtp_aes_ctr_crypt(&c, pt + pos, out + pos, k);
@@ -319,6 +296,7 @@ static void test_hex_and_helpers(void) {
 }
 
 int main(void) {
+  check_seed(0x1234567887654321ull);
   test_hashes();
   test_hmac();
   test_crc();
@@ -327,6 +305,5 @@ int main(void) {
   test_aes_cbc();
   test_random();
   test_hex_and_helpers();
-  printf("%d passed, 0 failed\n", passed);
-  return 0;
+  return check_report();
 }

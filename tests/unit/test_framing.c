@@ -13,17 +13,7 @@
 #include "crypto.h"
 #include "err.h"
 #include "framing.h"
-
-static int passed;
-
-#define CHECK(cond)                                                            \
-  do {                                                                         \
-    if (!(cond)) {                                                             \
-      fprintf(stderr, "%s:%d: check failed: %s\n", __FILE__, __LINE__, #cond); \
-      exit(1);                                                                 \
-    }                                                                          \
-    passed++;                                                                  \
-  } while (0)
+#include "check.h"
 
 /* ---- a counting allocator that can fail on demand ---- */
 static long n_allocs;
@@ -47,14 +37,6 @@ static void *t_calloc(size_t c, size_t n) {
   return calloc(c, n);
 }
 static void t_free(void *p) { free(p); }
-
-static uint64_t test_rng = 0x243f6a8885a308d3ull;
-static uint32_t trand(void) {
-  test_rng ^= test_rng << 13;
-  test_rng ^= test_rng >> 7;
-  test_rng ^= test_rng << 17;
-  return (uint32_t)(test_rng >> 16);
-}
 
 /* ---- the driver: feeds chunks, collects packets ---- */
 
@@ -337,7 +319,7 @@ static void test_round_trip(void) {
       memset(&r, 0, sizeof r);
       size_t pos = 0;
       while (pos < total && r.err == 0) {
-        size_t k = 1 + trand() % 70000;
+        size_t k = 1 + check_rand32() % 70000;
         if (k > total - pos)
           k = total - pos;
         feed(&d, buf + pos, k, &r);
@@ -382,7 +364,7 @@ static void test_stream(void) {
       memset(&r, 0, sizeof r);
       size_t pos = 0;
       while (pos < total && r.err == 0) {
-        size_t k = round == 0 ? total : 1 + trand() % (round < 10 ? 7 : 3000);
+        size_t k = round == 0 ? total : 1 + check_rand32() % (round < 10 ? 7 : 3000);
         if (k > total - pos)
           k = total - pos;
         feed(&d, buf + pos, k, &r);
@@ -454,6 +436,7 @@ static void test_alloc(void) {
 }
 
 int main(void) {
+  check_seed(0x243f6a8885a308d3ull);
   mtp_replace_allocator(t_malloc, t_realloc, t_calloc, t_free);
   test_vectors();
   test_header_encoding();
@@ -461,6 +444,5 @@ int main(void) {
   test_stream();
   test_limits();
   test_alloc();
-  printf("%d passed, 0 failed\n", passed);
-  return 0;
+  return check_report();
 }

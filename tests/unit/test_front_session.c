@@ -33,16 +33,7 @@
 #include "log.h"
 #include "metrics.h"
 #include "obf2.h"
-
-static atomic_int passed;
-#define CHECK(c)                                                               \
-  do {                                                                         \
-    if (!(c)) {                                                                \
-      fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #c);    \
-      exit(1);                                                                 \
-    }                                                                          \
-    passed++;                                                                  \
-  } while (0)
+#include "check.h"
 
 #define TOKEN(len) (0x11223344u + (uint32_t)(len))
 #define FLOOD_PKT (16u * 1024u)
@@ -714,6 +705,5 @@ int main(void) {
   close(rfd0);
   close(rfd1);
   mtp_config_free(&cfg);
-  printf("%d passed, 0 failed\n", atomic_load(&passed));
-  return 0;
+  return check_report();
 }

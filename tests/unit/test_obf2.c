@@ -14,29 +14,7 @@
 #include "crypto.h"
 #include "err.h"
 #include "obf2.h"
-
-static int passed;
-
-#define CHECK(cond)                                                            \
-  do {                                                                         \
-    if (!(cond)) {                                                             \
-      fprintf(stderr, "%s:%d: check failed: %s\n", __FILE__, __LINE__, #cond); \
-      exit(1);                                                                 \
-    }                                                                          \
-    passed++;                                                                  \
-  } while (0)
-
-static uint64_t test_rng = 0x9e3779b97f4a7c15ull;
-static uint32_t trand(void) {
-  test_rng ^= test_rng << 13;
-  test_rng ^= test_rng >> 7;
-  test_rng ^= test_rng << 17;
-  return (uint32_t)(test_rng >> 16);
-}
-static void tfill(uint8_t *p, size_t n) {
-  for (size_t i = 0; i < n; i++)
-    p[i] = (uint8_t)trand();
-}
+#include "check.h"
 
 /* Reference AES-256-CTR from offset `skip` of the keystream, straight from mbedTLS. */
 static void ref_ctr(const uint8_t key[32], const uint8_t iv[16], size_t skip, const uint8_t *in, uint8_t *out,
@@ -104,7 +82,7 @@ static void test_known_answer(void) {
 
   /* Client data after the header: the client stream continues at offset 64. */
   uint8_t msg[300], ct[300], got[300];
-  tfill(msg, sizeof msg);
+  check_fill(msg, sizeof msg);
   ref_ctr(ckey, civ, 64, msg, ct, sizeof msg);
   mtp_aes_ctr_crypt(&srv.rx, ct, got, sizeof ct);
   CHECK(memcmp(got, msg, sizeof msg) == 0);
@@ -150,28 +128,26 @@ static void test_known_answer(void) {
   mtp_obf2_free(&cli);
 }
 
+/* Runs n bytes through the stream in random chunks of 1..max_chunk bytes. */
+static void crypt_in_chunks(struct mtp_aes_ctr *ctr, const uint8_t *in, uint8_t *out, size_t n, uint32_t max_chunk) {
+  size_t pos = 0;
+  while (pos < n) {
+    size_t k = 1 + check_rand32() % max_chunk;
+    if (k > n - pos)
+      k = n - pos;
+    mtp_aes_ctr_crypt(ctr, in + pos, out + pos, k);
+    pos += k;
+  }
+}
+
 /* Sends n bytes from one stream to the other in random chunks and checks they decrypt. */
 static void pump(struct mtp_aes_ctr *enc, struct mtp_aes_ctr *dec, size_t n) {
   uint8_t *msg = malloc(n), *buf = malloc(n);
   CHECK(msg != NULL && buf != NULL);
-  tfill(msg, n);
-  size_t pos = 0;
-  while (pos < n) {
-    size_t k = 1 + trand() % 700;
-    if (k > n - pos)
-      k = n - pos;
-    mtp_aes_ctr_crypt(enc, msg + pos, buf + pos, k);
-    pos += k;
-  }
+  check_fill(msg, n);
+  crypt_in_chunks(enc, msg, buf, n, 700);
   CHECK(n < 16 || memcmp(msg, buf, n) != 0);
-  pos = 0;
-  while (pos < n) {
-    size_t k = 1 + trand() % 333;
-    if (k > n - pos)
-      k = n - pos;
-    mtp_aes_ctr_crypt(dec, buf + pos, buf + pos, k);
-    pos += k;
-  }
+  crypt_in_chunks(dec, buf, buf, n, 333);
   CHECK(memcmp(msg, buf, n) == 0);
   free(msg);
   free(buf);
@@ -192,7 +168,7 @@ static void test_round_trips(void) {
   const enum mtp_proto protos[] = {MTP_PROTO_ABRIDGED, MTP_PROTO_INTERMEDIATE, MTP_PROTO_PADDED};
   const int16_t dcs[] = {1, 2, 3, 4, 5, -1, -2, -5, 0, 203, -203, 32767, -32768};
   uint8_t secrets[4][16];
-  tfill(&secrets[0][0], sizeof secrets);
+  check_fill(&secrets[0][0], sizeof secrets);
 
   for (size_t p = 0; p < 3; p++) {
     for (size_t d = 0; d < sizeof dcs / sizeof dcs[0]; d++) {
@@ -241,8 +217,8 @@ static void test_round_trips(void) {
 
 static void test_wrong_and_none(void) {
   uint8_t good[16], wrong[2][16], hdr[64];
-  tfill(good, 16);
-  tfill(&wrong[0][0], sizeof wrong);
+  check_fill(good, 16);
+  check_fill(&wrong[0][0], sizeof wrong);
   struct mtp_obf2 cli, srv;
   struct mtp_obf2_result res;
   memset(&cli, 0, sizeof cli);
@@ -290,9 +266,9 @@ static void test_wrong_and_none(void) {
 }
 
 int main(void) {
+  check_seed(0x9e3779b97f4a7c15ull);
   test_known_answer();
   test_round_trips();
   test_wrong_and_none();
-  printf("%d passed, 0 failed\n", passed);
-  return 0;
+  return check_report();
 }

@@ -18,19 +18,7 @@
 #include "err.h"
 #include "obf2.h"
 #include "rpc.h"
-
-static int g_passed, g_failed;
-
-#define CHECK(cond)                                                   \
-  do {                                                                \
-    if (cond) {                                                       \
-      g_passed++;                                                     \
-    } else {                                                          \
-      fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
-      g_failed++;                                                     \
-      exit(1);                                                        \
-    }                                                                 \
-  } while (0)
+#include "check.h"
 
 static void hex2bin(const char *hex, uint8_t *out) {
   for (size_t i = 0; hex[2 * i]; i++) {
@@ -525,6 +513,26 @@ static void test_buffer_bounded(void) {
   mtp_rpc_codec_free(&rx);
 }
 
+/* Feeds n bytes to rx, which must yield exactly one frame: a PING/PONG `type` with `ping_id`. */
+static void recv_one(struct mtp_rpc_codec *rx, const uint8_t *in, size_t n, uint32_t type, int64_t ping_id,
+                     struct mtp_rpc_msg *m) {
+  const uint8_t *b;
+  size_t bl;
+  bool has;
+  int frames = 0;
+  size_t pos = 0;
+  while (pos < n) {
+    ssize_t r = mtp_rpc_recv(rx, in + pos, n - pos, &b, &bl, &has);
+    CHECK(r >= 0);
+    pos += (size_t)r;
+    if (has) {
+      frames++;
+      CHECK(mtp_rpc_parse(b, bl, m) == MTP_OK && m->type == type && m->ping_id == ping_id);
+    }
+  }
+  CHECK(frames == 1);
+}
+
 /* Client and server codecs talking through derived keys, as in a real connection. */
 static void test_conversation(void) {
   struct mtp_rpc_key_params p;
@@ -560,35 +568,13 @@ static void test_conversation(void) {
     iov.iov_len = 12;
     n = mtp_rpc_sendv(&cl, &iov, 1, out);
     CHECK(n == 32);
-    int frames = 0;
-    size_t pos = 0;
     struct mtp_rpc_msg m;
-    while (pos < n) {
-      ssize_t r = mtp_rpc_recv(&sv, out + pos, n - pos, &b, &bl, &has);
-      CHECK(r >= 0);
-      pos += (size_t)r;
-      if (has) {
-        frames++;
-        CHECK(mtp_rpc_parse(b, bl, &m) == MTP_OK && m.type == MTP_RPC_PING && m.ping_id == 1000 + round);
-      }
-    }
-    CHECK(frames == 1);
+    recv_one(&sv, out, n, MTP_RPC_PING, 1000 + round, &m);
     uint8_t pong[12];
     mtp_rpc_build_pong(m.ping_id, pong);
     iov.iov_base = pong;
     n = mtp_rpc_sendv(&sv, &iov, 1, out);
-    frames = 0;
-    pos = 0;
-    while (pos < n) {
-      ssize_t r = mtp_rpc_recv(&cl, out + pos, n - pos, &b, &bl, &has);
-      CHECK(r >= 0);
-      pos += (size_t)r;
-      if (has) {
-        frames++;
-        CHECK(mtp_rpc_parse(b, bl, &m) == MTP_OK && m.type == MTP_RPC_PONG && m.ping_id == 1000 + round);
-      }
-    }
-    CHECK(frames == 1);
+    recv_one(&cl, out, n, MTP_RPC_PONG, 1000 + round, &m);
   }
   mtp_rpc_codec_free(&cl);
   mtp_rpc_codec_free(&sv);
@@ -730,6 +716,5 @@ int main(void) {
   test_buffer_bounded();
   test_conversation();
   test_messages();
-  printf("%d passed, %d failed\n", g_passed, g_failed);
-  return g_failed ? 1 : 0;
+  return check_report();
 }

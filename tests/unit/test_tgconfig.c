@@ -10,19 +10,7 @@
 
 #include "err.h"
 #include "tgconfig.h"
-
-static int g_passed, g_failed;
-
-#define CHECK(cond)                                                   \
-  do {                                                                \
-    if (cond) {                                                       \
-      g_passed++;                                                     \
-    } else {                                                          \
-      fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
-      g_failed++;                                                     \
-      exit(1);                                                        \
-    }                                                                 \
-  } while (0)
+#include "check.h"
 
 /* Shaped like what core.telegram.org/getProxyConfig serves (addresses written for the test). */
 static const char SAMPLE[] =
@@ -210,6 +198,5 @@ int main(void) {
   test_sample();
   test_v6_and_blanks();
   test_malformed();
-  printf("%d passed, %d failed\n", g_passed, g_failed);
-  return g_failed ? 1 : 0;
+  return check_report();
 }

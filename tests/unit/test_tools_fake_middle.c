@@ -20,19 +20,8 @@
 #include "fake_middle.h"
 #include "obf2.h"
 #include "rpc.h"
+#include "check.h"
 #include "banned.h"
-
-static int passed, failed;
-#define CHECK(cond)                                                  \
-  do {                                                               \
-    if (cond) {                                                      \
-      passed++;                                                      \
-    } else {                                                         \
-      fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
-      failed++;                                                      \
-      exit(1);                                                       \
-    }                                                                \
-  } while (0)
 
 static uint8_t g_secret[128];
 
@@ -337,6 +326,5 @@ int main(void) {
   CHECK(fm_close_all(fm) == MTP_ECLOSED);
   fm_free(fm);
   fm_free(NULL);
-  printf("%d passed, %d failed\n", passed, failed);
-  return failed ? 1 : 0;
+  return check_report();
 }
