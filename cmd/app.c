@@ -386,6 +386,8 @@ int mtp_app_handle_signals(struct mtp_app *app, mtp_app_stop_cb on_stop) {
   return rc;
 }
 
+bool mtp_app_is_stopping(const struct mtp_app *app) { return app->stopping; }
+
 void mtp_app_stop(struct mtp_app *app) {
   for (int i = 0; i < app->nworkers; i++) {
     struct worker *w = &app->workers[i];

@@ -43,6 +43,8 @@ void mtp_app_print_links(struct mtp_app *app);
 /* Installs SIGINT/SIGTERM handlers that call on_stop once, on the main loop. */
 typedef void (*mtp_app_stop_cb)(struct mtp_app *app);
 int mtp_app_handle_signals(struct mtp_app *app, mtp_app_stop_cb on_stop);
+/* True once a stop signal has been handled. */
+bool mtp_app_is_stopping(const struct mtp_app *app);
 /* Stops the workers (joins their threads), the admin endpoint and the signal handlers. */
 void mtp_app_stop(struct mtp_app *app);
 /* Frees; after the main loop ended. NULL-safe. */

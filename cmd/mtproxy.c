@@ -75,26 +75,27 @@ int main(int argc, char **argv) {
 
   struct mtp_app *app = NULL;
   int rc = mtp_app_setup(&app, &cfg);
-  if (rc == MTP_OK)
-    rc = mtp_back_setup(&g_back, &cfg, mtp_app_loop(app));
-  if (rc == MTP_OK && mtp_back_wait_ready(g_back, 30000) != MTP_OK)
-    mtp_log(MTP_LOG_WARN, "no Telegram config yet; clients are refused until one loads");
-  struct mtp_app_role role = {both_setup, both_stop, both_free, g_back};
-  if (rc == MTP_OK)
-    rc = mtp_app_start_workers(app, &role);
+  /* Signals first: a SIGTERM that arrives while we start must stop us cleanly, not kill us. */
   if (rc == MTP_OK)
     rc = mtp_app_handle_signals(app, on_stop);
-  if (rc == MTP_OK) {
-    mtp_app_print_links(app);
-    uv_run(mtp_app_loop(app), UV_RUN_DEFAULT);
-  } else {
+  if (rc == MTP_OK)
+    rc = mtp_back_setup(&g_back, &cfg, mtp_app_loop(app));
+  if (rc == MTP_OK && mtp_back_wait_ready(g_back, 30000) != MTP_OK && !mtp_app_is_stopping(app))
+    mtp_log(MTP_LOG_WARN, "no Telegram config yet; clients are refused until one loads");
+  struct mtp_app_role role = {both_setup, both_stop, both_free, g_back};
+  if (rc == MTP_OK && !mtp_app_is_stopping(app)) {
+    rc = mtp_app_start_workers(app, &role);
+    if (rc == MTP_OK)
+      mtp_app_print_links(app);
+  }
+  if (rc != MTP_OK) {
     mtp_log(MTP_LOG_ERROR, "startup failed: %s", mtp_strerror(rc));
     if (app != NULL)
       mtp_app_stop(app);
     if (g_back != NULL)
       mtp_back_stop(g_back);
-    uv_run(uv_default_loop(), UV_RUN_DEFAULT);
   }
+  uv_run(uv_default_loop(), UV_RUN_DEFAULT);
   mtp_back_free(g_back);
   mtp_app_free(app);
   uv_loop_close(uv_default_loop());
