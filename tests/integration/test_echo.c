@@ -123,6 +123,16 @@ static void one_client(uint16_t proxy_port, enum mtp_proto proto, int16_t dc, co
   tc_close(&c);
 }
 
+struct pong_want {
+  uint64_t n;
+  int64_t id;
+};
+
+static bool enough_pongs(const struct fm_stats *s, void *arg) {
+  const struct pong_want *w = arg;
+  return s->pongs >= w->n && s->last_pong_id == w->id;
+}
+
 int main(void) {
   g_proc.pid = -1;
   const char *bin = h_mtproxy_bin();
@@ -162,6 +172,12 @@ int main(void) {
   CHECK(st.bad == 0);
   CHECK(st.conn_ids >= 33);
   CHECK(st.proxy_reqs >= 66);
+
+  /* Telegram pings its proxies: every RPC connection answers RPC_PING with RPC_PONG(same id). */
+  const int64_t ping_id = 0x1122334455667788LL;
+  int pinged = fm_ping(g_fm, ping_id);
+  CHECK(pinged >= 1);
+  CHECK(fm_wait(g_fm, enough_pongs, &(struct pong_want){st.pongs + (uint64_t)pinged, ping_id}, 5000));
 
   char *body = NULL;
   int status = h_http_get(admin, "/metrics", &body, 5000);

@@ -47,7 +47,7 @@ struct conn_rec {
   struct fm_conn_info info;
 };
 
-enum cmd_op { CMD_STOP, CMD_CLOSE_EXT, CMD_CLOSE_ALL, CMD_MODE, CMD_PUSH };
+enum cmd_op { CMD_STOP, CMD_CLOSE_EXT, CMD_CLOSE_ALL, CMD_MODE, CMD_PUSH, CMD_PING };
 
 struct cmd {
   enum cmd_op op;
@@ -428,6 +428,11 @@ static const char *on_ready(struct rconn *rc, const struct mtp_rpc_msg *m) {
     return NULL;
   }
   case MTP_RPC_PONG:
+    pthread_mutex_lock(&fm->mu);
+    fm->st.pongs++;
+    fm->st.last_pong_id = m->ping_id;
+    changed_locked(fm);
+    pthread_mutex_unlock(&fm->mu);
     return NULL;
   default:
     return "unexpected message type";
@@ -587,6 +592,18 @@ static int run_cmd(struct fake_middle *fm, struct cmd *c) {
     while (fm->conns) {
       rc_close(fm->conns, NULL);
       n++;
+    }
+    return n;
+  }
+  case CMD_PING: {
+    int n = 0;
+    for (rc = fm->conns; rc; rc = rc->next) {
+      if (rc->state != RC_READY)
+        continue;
+      uint8_t out[12];
+      size_t ol = mtp_rpc_build_ping((int64_t)c->total, out);
+      if (send_body(rc, out, ol) == MTP_OK)
+        n++;
     }
     return n;
   }
@@ -847,6 +864,11 @@ int fm_close_all(struct fake_middle *fm) {
 void fm_set_mode(struct fake_middle *fm, enum fm_mode mode) {
   struct cmd c = {.op = CMD_MODE, .mode = (int)mode};
   submit(fm, &c);
+}
+
+int fm_ping(struct fake_middle *fm, int64_t ping_id) {
+  struct cmd c = {.op = CMD_PING, .total = (uint64_t)ping_id};
+  return submit(fm, &c);
 }
 
 int fm_push(struct fake_middle *fm, uint64_t conn_id, uint64_t total, size_t chunk) {

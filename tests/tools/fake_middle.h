@@ -66,6 +66,8 @@ struct fm_stats {
   uint64_t close_conns; /* RPC_CLOSE_CONN received */
   uint64_t close_exts;  /* RPC_CLOSE_EXT sent */
   uint64_t pushed_bytes; /* packet bytes of fm_push answers whose write completed */
+  uint64_t pongs;        /* RPC_PONG received (answers to fm_ping) */
+  int64_t last_pong_id;  /* ping_id of the last RPC_PONG */
   uint32_t last_hs_flags; /* flags of the last client RPC_HANDSHAKE */
   uint32_t last_key_selector; /* key_selector of the last client RPC_NONCE */
   char last_error[128]; /* why the last bad connection was closed; "" if none */
@@ -128,6 +130,10 @@ bool fm_wait_close_conns(struct fake_middle *fm, uint64_t n, int timeout_ms);
 int fm_close_ext(struct fake_middle *fm, uint64_t conn_id);
 /* Closes every current RPC connection (like Telegram's periodic rotation). Returns how many. */
 int fm_close_all(struct fake_middle *fm);
+/* Sends RPC_PING(ping_id) on every ready RPC connection, as Telegram does to check a proxy is
+ * alive; the proxy must answer RPC_PONG(ping_id) (stats.pongs, last_pong_id). Returns how many
+ * pings were sent. */
+int fm_ping(struct fake_middle *fm, int64_t ping_id);
 /* Changes how PROXY_REQ are treated from now on (see enum fm_mode). */
 void fm_set_mode(struct fake_middle *fm, enum fm_mode mode);
 /*
