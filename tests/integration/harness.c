@@ -12,6 +12,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -143,6 +144,8 @@ int h_spawn(struct h_proc *p, char *const argv[]) {
     return -1;
   }
   if (pid == 0) {
+    /* A test that dies (a failed CHECK exits at once) must not leave its proxy behind. */
+    prctl(PR_SET_PDEATHSIG, SIGKILL);
     dup2(fds[1], 1);
     dup2(fds[1], 2);
     int devnull = open("/dev/null", O_RDONLY);
