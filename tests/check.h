@@ -26,6 +26,9 @@
 
 static atomic_int check_passed_, check_failed_;
 
+/* Called once before a failed check exits (e.g. to stop a spawned proxy and remove temp files). */
+static void (*check_on_fail)(void);
+
 /* Prints "N passed, M failed" and returns the exit status: 0, or 1 if any check failed. */
 static inline int check_report(void) {
   int f = atomic_load(&check_failed_);
@@ -38,6 +41,10 @@ static inline int check_report(void) {
 __attribute__((noreturn)) static inline void check_die_(void) {
   fputc('\n', stderr);
   atomic_fetch_add(&check_failed_, 1);
+  void (*hook)(void) = check_on_fail;
+  check_on_fail = NULL;
+  if (hook != NULL)
+    hook();
   exit(check_report());
 }
 

@@ -25,106 +25,11 @@
 #include "err.h"
 #include "fake_middle.h"
 #include "framing.h"
-#include "harness.h"
+#include "check.h"
+#include "harness_env.h"
 #include "tclient.h"
 #include "banned.h"
 
-static int passed, failed;
-static struct h_proc g_proc;
-static struct fake_middle *g_fm;
-static char g_dir[256];
-
-static void fail_out(void) {
-  h_dump_log(&g_proc);
-  h_stop(&g_proc, 5000);
-  h_remove_log(&g_proc);
-  fm_free(g_fm);
-  if (g_dir[0])
-    h_rmdir(g_dir);
-  exit(1);
-}
-
-#define CHECK(cond)                                                            \
-  do {                                                                         \
-    if (cond) {                                                                \
-      passed++;                                                                \
-    } else {                                                                   \
-      fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
-      failed++;                                                                \
-      fail_out();                                                              \
-    }                                                                          \
-  } while (0)
-
-static const char *k_secret_hex = "00112233445566778899aabbccddeeff";
-static uint8_t g_secret[16];
-static uint16_t g_port, g_admin;
-
-static void start_proxy(const char *workers) {
-  const char *bin = h_mtproxy_bin();
-  if (!bin) {
-    fprintf(stderr, "MTPROXY_BIN is not set\n");
-    exit(1);
-  }
-  uint8_t proxy_secret[128];
-  mtp_random(proxy_secret, sizeof(proxy_secret));
-  int fport = fm_start(proxy_secret, sizeof(proxy_secret), &g_fm);
-  CHECK(fport > 0);
-  CHECK(h_tmpdir(g_dir, sizeof(g_dir)) == 0);
-  char sp[256], cp[256];
-  CHECK(h_write_middle_files(g_dir, proxy_secret, sizeof(proxy_secret), (uint16_t)fport, sp, cp) == 0);
-  char *argv[] = {(char *)bin, "--listen", "127.0.0.1:0", "--secret", (char *)k_secret_hex, "--proxy-secret", sp,
-                  "--proxy-config", cp, "--admin", "127.0.0.1:0", "--workers", (char *)workers, "--log-level",
-                  "info", NULL};
-  CHECK(h_spawn(&g_proc, argv) == 0);
-  CHECK(h_wait_listener(&g_proc, "l0", &g_port, 30000) == 0);
-  CHECK(h_wait_admin(&g_proc, &g_admin, 30000) == 0);
-  CHECK(mtp_hex_decode(k_secret_hex, g_secret, 16) == 16);
-}
-
-/* One scrape; the value of series, or -1 when absent or on an error. */
-static double metric(const char *series) {
-  char *body = NULL;
-  double v = -1;
-  int st = h_http_get(g_admin, "/metrics", &body, 5000);
-  if (st != 200 || body == NULL || h_metric(body, series, &v) != 0)
-    v = -1;
-  mtp_free(body);
-  return v;
-}
-
-static void finish(void) {
-  CHECK(h_stop(&g_proc, 10000) == 0);
-  CHECK(fm_wait_open(g_fm, 0, 5000));
-  fm_free(g_fm);
-  g_fm = NULL;
-  h_rmdir(g_dir);
-  h_remove_log(&g_proc);
-  printf("%d passed, %d failed\n", passed, failed);
-}
-
-/*
- * Waits (bounded) until series == want. Gauges change on the proxy's worker threads a moment
- * after the client-visible event, so this re-scrapes every 10 ms until timeout_ms.
- */
-static bool wait_metric(const char *series, double want, int timeout_ms, double *last) {
-  struct timespec ts = {0, 10 * 1000 * 1000};
-  for (int waited = 0;; waited += 10) {
-    *last = metric(series);
-    if (*last == want)
-      return true;
-    if (waited >= timeout_ms)
-      return false;
-    nanosleep(&ts, NULL);
-  }
-}
-
-static uint16_t local_port(int fd) {
-  struct sockaddr_in a;
-  socklen_t l = sizeof(a);
-  if (getsockname(fd, (struct sockaddr *)&a, &l) != 0)
-    return 0;
-  return ntohs(a.sin_port);
-}
 
 #define NCLIENTS 1000
 #define NPKT 3
@@ -151,11 +56,11 @@ static void raise_nofile(void) {
 static size_t pkt_len(int i, int k) { return 8 + 4 * (size_t)((i * 7 + k * 13) % ((MAXLEN - 8) / 4 + 1)); }
 
 int main(void) {
-  g_proc.pid = -1;
+  check_on_fail = he_cleanup;
   raise_nofile();
   char workers[8];
   snprintf(workers, sizeof(workers), "%d", WORKERS);
-  start_proxy(workers);
+  he_start(workers);
   double v = 0;
   static const enum mtp_proto protos[] = {MTP_PROTO_ABRIDGED, MTP_PROTO_INTERMEDIATE, MTP_PROTO_PADDED};
 
@@ -168,11 +73,11 @@ int main(void) {
   /* 1: connect all */
   for (int i = 0; i < NCLIENTS; i++) {
     tc_init(&cl[i]);
-    int rc = tc_connect(&cl[i], "127.0.0.1", g_port, g_secret, protos[i % 3], 2, 5000);
+    int rc = tc_connect(&cl[i], "127.0.0.1", h_env.port, h_env.secret, protos[i % 3], 2, 5000);
     if (rc != MTP_OK)
       fprintf(stderr, "client %d: connect: %s\n", i, mtp_strerror(rc));
     CHECK(rc == MTP_OK);
-    ports[i] = local_port(cl[i].fd);
+    ports[i] = he_local_port(cl[i].fd);
     CHECK(ports[i] != 0 && !seen[ports[i]]);
     seen[ports[i]] = 1;
   }
@@ -197,7 +102,7 @@ int main(void) {
 
   /* multiplexing, as the fake saw it */
   struct fm_stats st;
-  fm_get_stats(g_fm, &st);
+  fm_get_stats(h_env.fm, &st);
   unsigned max_conns = WORKERS * ((NCLIENTS + PER_CONN - 1) / PER_CONN + 1);
   fprintf(stderr, "%u RPC connections accepted (%u open) for %u conn_ids\n", st.accepted, st.open, st.conn_ids);
   CHECK(st.bad == 0);
@@ -206,10 +111,10 @@ int main(void) {
   CHECK(st.handshakes == st.accepted);
   CHECK(st.open == st.accepted);
   CHECK(st.proxy_reqs == (uint64_t)NCLIENTS * NPKT);
-  CHECK(fm_conn_count(g_fm) == NCLIENTS);
+  CHECK(fm_conn_count(h_env.fm) == NCLIENTS);
   for (size_t i = 0; i < NCLIENTS; i++) {
     struct fm_conn_info ci;
-    CHECK(fm_conn_at(g_fm, i, &ci) == MTP_OK);
+    CHECK(fm_conn_at(h_env.fm, i, &ci) == MTP_OK);
     CHECK(ci.packets == NPKT);
     CHECK(ci.client_port < 65536 && seen[ci.client_port] == 1); /* one of ours, once */
     seen[ci.client_port] = 2;
@@ -217,7 +122,7 @@ int main(void) {
 
   /* the proxy's gauges, all clients still connected */
   char *body = NULL;
-  CHECK(h_http_get(g_admin, "/metrics", &body, 5000) == 200 && body != NULL);
+  CHECK(h_http_get(h_env.admin, "/metrics", &body, 5000) == 200 && body != NULL);
   CHECK(h_metric(body, "mtproxy_rpc_clients", &v) == 0 && v == NCLIENTS);
   CHECK(h_metric(body, "mtproxy_client_connections", &v) == 0 && v == NCLIENTS);
   double hs = 0;
@@ -234,8 +139,8 @@ int main(void) {
   /* everybody leaves */
   for (int i = 0; i < NCLIENTS; i++)
     tc_close(&cl[i]);
-  bool all = fm_wait_close_conns(g_fm, NCLIENTS, 15000);
-  fm_get_stats(g_fm, &st);
+  bool all = fm_wait_close_conns(h_env.fm, NCLIENTS, 15000);
+  fm_get_stats(h_env.fm, &st);
   if (!all)
     fprintf(stderr, "RPC_CLOSE_CONN received for %llu of %d clients\n", (unsigned long long)st.close_conns,
             NCLIENTS);
@@ -243,19 +148,19 @@ int main(void) {
   CHECK(st.close_conns == NCLIENTS);
   for (size_t i = 0; i < NCLIENTS; i++) {
     struct fm_conn_info ci;
-    CHECK(fm_conn_at(g_fm, i, &ci) == MTP_OK);
+    CHECK(fm_conn_at(h_env.fm, i, &ci) == MTP_OK);
     CHECK(ci.close_conn);
   }
-  CHECK(wait_metric("mtproxy_rpc_clients", 0, 10000, &v));
-  CHECK(wait_metric("mtproxy_client_connections", 0, 10000, &v));
+  CHECK(he_wait_metric("mtproxy_rpc_clients", 0, 10000, &v));
+  CHECK(he_wait_metric("mtproxy_client_connections", 0, 10000, &v));
   /* the RPC connections stay for future clients */
-  fm_get_stats(g_fm, &st);
+  fm_get_stats(h_env.fm, &st);
   CHECK(st.open >= 1 && st.bad == 0);
 
   mtp_free(cl);
   mtp_free(pkts);
   mtp_free(ports);
   mtp_free(seen);
-  finish();
-  return 0;
+  CHECK(he_finish() == 0);
+  return check_report();
 }

@@ -17,82 +17,11 @@
 #include "err.h"
 #include "fake_middle.h"
 #include "framing.h"
-#include "harness.h"
+#include "check.h"
+#include "harness_env.h"
 #include "tclient.h"
 #include "banned.h"
 
-static int passed, failed;
-static struct h_proc g_proc;
-static struct fake_middle *g_fm;
-static char g_dir[256];
-
-static void fail_out(void) {
-  h_dump_log(&g_proc);
-  h_stop(&g_proc, 5000);
-  h_remove_log(&g_proc);
-  fm_free(g_fm);
-  if (g_dir[0])
-    h_rmdir(g_dir);
-  exit(1);
-}
-
-#define CHECK(cond)                                                            \
-  do {                                                                         \
-    if (cond) {                                                                \
-      passed++;                                                                \
-    } else {                                                                   \
-      fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
-      failed++;                                                                \
-      fail_out();                                                              \
-    }                                                                          \
-  } while (0)
-
-static const char *k_secret_hex = "00112233445566778899aabbccddeeff";
-static uint8_t g_secret[16];
-static uint16_t g_port, g_admin;
-
-static void start_proxy(const char *workers) {
-  const char *bin = h_mtproxy_bin();
-  if (!bin) {
-    fprintf(stderr, "MTPROXY_BIN is not set\n");
-    exit(1);
-  }
-  uint8_t proxy_secret[128];
-  mtp_random(proxy_secret, sizeof(proxy_secret));
-  int fport = fm_start(proxy_secret, sizeof(proxy_secret), &g_fm);
-  CHECK(fport > 0);
-  CHECK(h_tmpdir(g_dir, sizeof(g_dir)) == 0);
-  char sp[256], cp[256];
-  CHECK(h_write_middle_files(g_dir, proxy_secret, sizeof(proxy_secret), (uint16_t)fport, sp, cp) == 0);
-  char *argv[] = {(char *)bin, "--listen", "127.0.0.1:0", "--secret", (char *)k_secret_hex, "--proxy-secret", sp,
-                  "--proxy-config", cp, "--admin", "127.0.0.1:0", "--workers", (char *)workers, "--log-level",
-                  "info", NULL};
-  CHECK(h_spawn(&g_proc, argv) == 0);
-  CHECK(h_wait_listener(&g_proc, "l0", &g_port, 30000) == 0);
-  CHECK(h_wait_admin(&g_proc, &g_admin, 30000) == 0);
-  CHECK(mtp_hex_decode(k_secret_hex, g_secret, 16) == 16);
-}
-
-/* One scrape; the value of series, or -1 when absent or on an error. */
-static double metric(const char *series) {
-  char *body = NULL;
-  double v = -1;
-  int st = h_http_get(g_admin, "/metrics", &body, 5000);
-  if (st != 200 || body == NULL || h_metric(body, series, &v) != 0)
-    v = -1;
-  mtp_free(body);
-  return v;
-}
-
-static void finish(void) {
-  CHECK(h_stop(&g_proc, 10000) == 0);
-  CHECK(fm_wait_open(g_fm, 0, 5000));
-  fm_free(g_fm);
-  g_fm = NULL;
-  h_rmdir(g_dir);
-  h_remove_log(&g_proc);
-  printf("%d passed, %d failed\n", passed, failed);
-}
 
 static uint64_t g_acks; /* quick acks received by the clients */
 
@@ -127,7 +56,7 @@ static void expect_echo(struct tclient *c, const uint8_t *pkt, size_t len) {
 static void one_proto(enum mtp_proto proto) {
   struct tclient c;
   tc_init(&c);
-  CHECK(tc_connect(&c, "127.0.0.1", g_port, g_secret, proto, 2, 5000) == MTP_OK);
+  CHECK(tc_connect(&c, "127.0.0.1", h_env.port, h_env.secret, proto, 2, 5000) == MTP_OK);
   static uint8_t pkt[3][65536];
 
   /* Acked packets of several sizes, unencrypted (auth) and encrypted. */
@@ -171,25 +100,25 @@ static void one_proto(enum mtp_proto proto) {
 }
 
 int main(void) {
-  g_proc.pid = -1;
-  start_proxy("1");
-  CHECK(metric("mtproxy_quickacks_total") == 0);
+  check_on_fail = he_cleanup;
+  he_start("1");
+  CHECK(he_metric("mtproxy_quickacks_total") == 0);
   static const enum mtp_proto protos[] = {MTP_PROTO_ABRIDGED, MTP_PROTO_INTERMEDIATE, MTP_PROTO_PADDED};
   for (size_t p = 0; p < 3; p++) {
-    double before = metric("mtproxy_quickacks_total");
+    double before = he_metric("mtproxy_quickacks_total");
     one_proto(protos[p]);
-    double after = metric("mtproxy_quickacks_total");
+    double after = he_metric("mtproxy_quickacks_total");
     if (after - before != 8)
       fprintf(stderr, "%s: mtproxy_quickacks_total moved by %.0f, expected 8\n", mtp_proto_name(protos[p]),
               after - before);
     CHECK(after - before == 8);
   }
   struct fm_stats st;
-  fm_get_stats(g_fm, &st);
+  fm_get_stats(h_env.fm, &st);
   CHECK(st.bad == 0);
   CHECK(st.simple_acks == g_acks);
   CHECK(g_acks == 24);
-  CHECK(metric("mtproxy_quickacks_total") == (double)g_acks);
-  finish();
-  return 0;
+  CHECK(he_metric("mtproxy_quickacks_total") == (double)g_acks);
+  CHECK(he_finish() == 0);
+  return check_report();
 }

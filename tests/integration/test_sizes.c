@@ -23,87 +23,16 @@
 #include "err.h"
 #include "fake_middle.h"
 #include "framing.h"
-#include "harness.h"
+#include "check.h"
+#include "harness_env.h"
 #include "tclient.h"
 #include "banned.h"
 
-static int passed, failed;
-static struct h_proc g_proc;
-static struct fake_middle *g_fm;
-static char g_dir[256];
-
-static void fail_out(void) {
-  h_dump_log(&g_proc);
-  h_stop(&g_proc, 5000);
-  h_remove_log(&g_proc);
-  fm_free(g_fm);
-  if (g_dir[0])
-    h_rmdir(g_dir);
-  exit(1);
-}
-
-#define CHECK(cond)                                                            \
-  do {                                                                         \
-    if (cond) {                                                                \
-      passed++;                                                                \
-    } else {                                                                   \
-      fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
-      failed++;                                                                \
-      fail_out();                                                              \
-    }                                                                          \
-  } while (0)
-
-static const char *k_secret_hex = "00112233445566778899aabbccddeeff";
-static uint8_t g_secret[16];
-static uint16_t g_port, g_admin;
 static uint64_t g_echoes; /* packets echoed back to clients */
-
-static void start_proxy(const char *workers) {
-  const char *bin = h_mtproxy_bin();
-  if (!bin) {
-    fprintf(stderr, "MTPROXY_BIN is not set\n");
-    exit(1);
-  }
-  uint8_t proxy_secret[128];
-  mtp_random(proxy_secret, sizeof(proxy_secret));
-  int fport = fm_start(proxy_secret, sizeof(proxy_secret), &g_fm);
-  CHECK(fport > 0);
-  CHECK(h_tmpdir(g_dir, sizeof(g_dir)) == 0);
-  char sp[256], cp[256];
-  CHECK(h_write_middle_files(g_dir, proxy_secret, sizeof(proxy_secret), (uint16_t)fport, sp, cp) == 0);
-  char *argv[] = {(char *)bin, "--listen", "127.0.0.1:0", "--secret", (char *)k_secret_hex, "--proxy-secret", sp,
-                  "--proxy-config", cp, "--admin", "127.0.0.1:0", "--workers", (char *)workers, "--log-level",
-                  "info", NULL};
-  CHECK(h_spawn(&g_proc, argv) == 0);
-  CHECK(h_wait_listener(&g_proc, "l0", &g_port, 30000) == 0);
-  CHECK(h_wait_admin(&g_proc, &g_admin, 30000) == 0);
-  CHECK(mtp_hex_decode(k_secret_hex, g_secret, 16) == 16);
-}
-
-/* One scrape; the value of series, or -1 when absent or on an error. */
-static double metric(const char *series) {
-  char *body = NULL;
-  double v = -1;
-  int st = h_http_get(g_admin, "/metrics", &body, 5000);
-  if (st != 200 || body == NULL || h_metric(body, series, &v) != 0)
-    v = -1;
-  mtp_free(body);
-  return v;
-}
-
-static void finish(void) {
-  CHECK(h_stop(&g_proc, 10000) == 0);
-  CHECK(fm_wait_open(g_fm, 0, 5000));
-  fm_free(g_fm);
-  g_fm = NULL;
-  h_rmdir(g_dir);
-  h_remove_log(&g_proc);
-  printf("%d passed, %d failed\n", passed, failed);
-}
 
 static void connect_client(struct tclient *c, enum mtp_proto proto) {
   tc_init(c);
-  CHECK(tc_connect(c, "127.0.0.1", g_port, g_secret, proto, 2, 5000) == MTP_OK);
+  CHECK(tc_connect(c, "127.0.0.1", h_env.port, h_env.secret, proto, 2, 5000) == MTP_OK);
 }
 
 /* Receives one packet and checks it is exactly pkt/len. */
@@ -251,8 +180,8 @@ static void split_writes(enum mtp_proto proto, uint8_t *buf, uint8_t *framed) {
 }
 
 int main(void) {
-  g_proc.pid = -1;
-  start_proxy("1");
+  check_on_fail = he_cleanup;
+  he_start("1");
   uint8_t *buf = mtp_malloc(1048576 + 16);
   uint8_t *framed = mtp_malloc(1048576 + 16);
   CHECK(buf != NULL && framed != NULL);
@@ -267,19 +196,19 @@ int main(void) {
   odd_lengths(&closes);
 
   struct fm_stats st;
-  fm_get_stats(g_fm, &st);
+  fm_get_stats(h_env.fm, &st);
   CHECK(st.bad == 0);
   /* Every packet that reached Telegram came back; no oversize or malformed one was forwarded. */
   if (st.proxy_reqs != g_echoes)
     fprintf(stderr, "fake saw %llu PROXY_REQ, clients got %llu echoes\n", (unsigned long long)st.proxy_reqs,
             (unsigned long long)g_echoes);
   CHECK(st.proxy_reqs == g_echoes);
-  double v = metric("mtproxy_client_closes_total{reason=\"bad_frame\"}");
+  double v = he_metric("mtproxy_client_closes_total{reason=\"bad_frame\"}");
   if (v != closes)
     fprintf(stderr, "bad_frame closes: metric %.0f, expected %d\n", v, closes);
   CHECK(v == closes);
   mtp_free(buf);
   mtp_free(framed);
-  finish();
-  return 0;
+  CHECK(he_finish() == 0);
+  return check_report();
 }
