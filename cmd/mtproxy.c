@@ -31,7 +31,7 @@ static int both_setup(struct mtp_app *app, uv_loop_t *loop, int index, void **st
   if (rc != MTP_OK)
     return rc;
   return mtp_front_worker_setup(&w->front, mtp_app_config(app), mtp_app_bound_addrs(app), loop,
-                                mtp_back_worker_link(w->back), index);
+                                mtp_back_worker_link(w->back), index, NULL);
 }
 
 static void both_stop(void *state) {

@@ -130,7 +130,7 @@ static int listener_start(struct mtp_front_worker *w, struct front_listener *l,
 
 int mtp_front_worker_setup(struct mtp_front_worker **out, const struct mtp_config *cfg,
                            const struct sockaddr_storage *bound_addrs, uv_loop_t *loop, struct mtp_link *link,
-                           int index) {
+                           int index, const struct mtp_front_shared *shared) {
   *out = NULL;
   struct mtp_front_worker *w = mtp_calloc(1, sizeof(*w));
   if (w == NULL)
@@ -139,6 +139,8 @@ int mtp_front_worker_setup(struct mtp_front_worker **out, const struct mtp_confi
   w->fc.cfg = cfg;
   w->fc.link = link;
   w->fc.index = index;
+  if (shared != NULL)
+    w->fc.shared = *shared;
   mtp_bufpool_init(&w->fc.pool, FRONT_POOL_KEEP);
   if (cfg->nlisteners > 0) {
     w->listeners = mtp_calloc(cfg->nlisteners, sizeof(*w->listeners));

@@ -14,6 +14,27 @@
 #include "link.h"
 
 struct mtp_front_worker;
+struct mtp_replay;
+struct mtp_policy;
+struct mtp_tlsprobe;
+
+/*
+ * What every front worker of the process shares. Owned by the main thread (the executable),
+ * borrowed by the workers; each part is thread-safe or immutable. Any pointer may be NULL:
+ * that feature is then off (unit tests use that).
+ */
+struct mtp_front_shared {
+  struct mtp_replay *replay;     /* replay cache (front/replay.h) */
+  struct mtp_policy *policy;     /* connection policy (front/policy.h) */
+  struct mtp_tlsprobe *tlsprobe; /* learnt certificate-flight sizes (front/tlsprobe.h) */
+  /* The proxy's own addresses, so fronting never dials itself: the concrete bound listener
+   * addresses (same order as cfg->listeners) ... */
+  const struct sockaddr_storage *bound_addrs;
+  size_t nbound;
+  /* ... and the public IPv4/IPv6 address the proxy is reached at, if known (port 0). */
+  struct sockaddr_storage public_addrs[2];
+  size_t npublic;
+};
 
 /*
  * Starts the worker's listeners on loop: for each cfg->listeners[i], a socket with
@@ -23,7 +44,7 @@ struct mtp_front_worker;
  */
 int mtp_front_worker_setup(struct mtp_front_worker **out, const struct mtp_config *cfg,
                            const struct sockaddr_storage *bound_addrs, uv_loop_t *loop, struct mtp_link *link,
-                           int index);
+                           int index, const struct mtp_front_shared *shared);
 
 /* Stops accepting and closes every client and listener (asynchronously). Worker's thread. */
 void mtp_front_worker_stop(struct mtp_front_worker *w);

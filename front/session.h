@@ -19,6 +19,7 @@
 
 #include "bufpool.h"
 #include "config.h"
+#include "front.h"
 #include "link.h"
 
 struct mtp_session;
@@ -29,6 +30,7 @@ struct mtp_front_ctx {
   const struct mtp_config *cfg;   /* borrows */
   struct mtp_link *link;          /* borrows */
   int index;                      /* worker index, part of the session ids */
+  struct mtp_front_shared shared; /* copy; the pointers inside borrow (may be NULL) */
   struct mtp_bufpool pool;        /* read buffers */
   struct mtp_session *sessions;   /* borrows: every session not yet freed (each frees itself) */
   size_t nsessions;

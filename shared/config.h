@@ -23,6 +23,55 @@ struct mtp_listener_conf {
   bool has_ad_tag;               /* falls back to the global ad_tag */
   uint8_t ad_tag[16];
   unsigned allowed_protocols;    /* MTP_ALLOW_* bits (obf2.h) */
+  /* Fake-TLS (ee): the domains a ClientHello's SNI may name on this listener (lower-cased,
+   * owned). Empty = the global tls_domains. With no domain at all, fake-TLS is off here. */
+  char **tls_domains;
+  size_t ntls_domains;
+};
+
+/* Where connections that fail the fake-TLS checks are spliced (issue 3). */
+enum mtp_fronting_mode {
+  MTP_FRONTING_OFF = 0,  /* close them after the handshake timeout, like a failed obf2 header */
+  MTP_FRONTING_SNI = 1,  /* to the SNI host of the ClientHello, port 443 */
+  MTP_FRONTING_HOST = 2, /* to fronting_host:fronting_port (e.g. a local nginx) */
+};
+
+/* Policy (issue 5): what a rule or table entry is keyed on. */
+enum mtp_policy_key {
+  MTP_PKEY_LISTENER = 0,    /* listener name */
+  MTP_PKEY_CLIENT_IPV4,     /* "client_ipv4": the client's IPv4 address */
+  MTP_PKEY_CLIENT_IPV6,     /* "client_ipv6": the client's IPv6 address */
+  MTP_PKEY_IPV4_SUBNET,     /* "ipv4/M": the client's IPv4 /M network (prefix in .prefix) */
+  MTP_PKEY_IPV6_SUBNET,     /* "ipv6/M" */
+  MTP_PKEY_TLS_DOMAIN,      /* "tls_domain": lower-cased SNI of a fake-TLS client */
+};
+
+enum mtp_policy_rule_kind {
+  MTP_PRULE_IN_TABLE = 0,   /* allow only if the key's value is in the table */
+  MTP_PRULE_NOT_IN_TABLE,   /* reject if the key's value is in the table */
+  MTP_PRULE_MAX_CONNECTIONS /* at most max open connections per distinct value of the keys */
+};
+
+#define MTP_POLICY_MAX_KEYS 6
+
+struct mtp_policy_keyspec {
+  enum mtp_policy_key key;
+  int prefix; /* subnet keys: 0..32 / 0..128; else 0 */
+};
+
+struct mtp_policy_rule_conf {
+  enum mtp_policy_rule_kind kind;
+  struct mtp_policy_keyspec keys[MTP_POLICY_MAX_KEYS]; /* in_table/not_in_table: exactly 1 */
+  size_t nkeys;                                        /* max_connections: 0 = one global count */
+  char *table;   /* owns: table name (in_table, not_in_table) */
+  uint64_t max;  /* max_connections */
+};
+
+/* A table as the config file defines it; entries are the textual values (owned). */
+struct mtp_table_conf {
+  char *name;
+  char **entries;
+  size_t nentries;
 };
 
 struct mtp_config {
@@ -45,6 +94,46 @@ struct mtp_config {
   char *public_host;             /* owns: host printed in links; NULL = guess */
   char *admin;                   /* owns: "ADDR:PORT" of the admin endpoint; NULL = off */
   int log_level;                 /* MTP_LOG_*; default info */
+  char *log_debug;               /* owns: comma list of modules logged at debug; NULL = none */
+
+  /* ---- fake-TLS, fronting, replay (issue 3) ---- */
+  char **tls_domains;            /* owns: global fake-TLS domains (--tls-domain, repeatable), lower-cased */
+  size_t ntls_domains;
+  double tls_clock_skew;         /* seconds a ClientHello timestamp may be off either way; default 600 */
+  size_t tls_record_size;        /* max payload of records we send after the handshake; default 16384 */
+  size_t tls_flight_size;        /* fake certificate flight size; 0 = learn from the fronted host
+                                  * (random 2500..4600 until learnt); default 0 */
+  double tls_probe_interval;     /* seconds between learning probes; default 3600 */
+  enum mtp_fronting_mode fronting_mode; /* default MTP_FRONTING_SNI */
+  char *fronting_host;           /* owns: MTP_FRONTING_HOST target host */
+  uint16_t fronting_port;
+  double fronting_connect_timeout; /* seconds, default 10 */
+  double fronting_idle_timeout;  /* seconds, default 120 */
+  size_t replay_cache_bytes;     /* "replay_cache_mb"; default 16 MiB */
+  uint32_t replay_max_age;       /* seconds; default and minimum 2 * tls_clock_skew */
+  bool per_sni_secrets;          /* ee secret per domain: SHA-256(salt || hex(secret) || domain)[0:16] */
+  char *per_sni_salt;            /* owns: the salt (required when per_sni_secrets) */
+
+  /* ---- split mode (issue 4) ---- */
+  char *back;                    /* owns: front: "HOST:PORT" of the back (--back) */
+  char *tunnel_listen;           /* owns: back: "ADDR:PORT" the fronts dial (--tunnel-listen) */
+  char *tunnel_cert, *tunnel_key, *tunnel_ca; /* owns: PEM files */
+  char **tunnel_allowed_fronts;  /* owns: back: front names (certificate CN) allowed; empty = any from the CA */
+  size_t ntunnel_allowed_fronts;
+  int tunnel_conns;              /* front: tunnel connections per worker; default 1 */
+  double tunnel_heartbeat;       /* seconds between pings; default 5 */
+  double tunnel_timeout;         /* seconds without any frame before the peer is dead; default 20 */
+  size_t tunnel_window;          /* per-stream credit in bytes each way; default 1 MiB + 64 KiB */
+  char *node_name;               /* owns: this node's name in Hello; default the host name */
+
+  /* ---- policy and operations (issue 5) ---- */
+  struct mtp_policy_rule_conf *policy; /* owns: rules, checked in order */
+  size_t npolicy;
+  struct mtp_table_conf *tables; /* owns: tables and their initial entries */
+  size_t ntables;
+  char *tables_file;             /* owns: where runtime table edits persist; NULL = cache_dir/tables.json or none */
+  double drain_timeout;          /* seconds clients may drain after SIGTERM; default 30 */
+  char *config_path;             /* owns: the --config file, re-read on reload; NULL = none */
 };
 
 /*

@@ -25,7 +25,12 @@
   XX(ENODC, -10013, "no middle proxy for this DC")                          \
   XX(EBACKPRESSURE, -10014, "send budget exceeded")                         \
   XX(EHANDSHAKE, -10015, "handshake rejected by peer")                      \
-  XX(ENOCONFIG, -10016, "no Telegram config loaded yet")
+  XX(ENOCONFIG, -10016, "no Telegram config loaded yet")                    \
+  XX(EPOLICY, -10017, "rejected by policy")                                 \
+  XX(ELOOP, -10018, "target is the proxy itself")                           \
+  XX(ELINKDOWN, -10019, "tunnel to the back is down")                       \
+  XX(EEXIST, -10020, "already exists")                                      \
+  XX(ENOTFOUND, -10021, "not found")
 
 enum mtp_err {
   MTP_OK = 0,

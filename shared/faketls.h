@@ -228,6 +228,12 @@ bool mtp_faketls_rx_is_idle(const struct mtp_faketls_rx *r);
 size_t mtp_faketls_wrap_len(size_t n, size_t max_payload);
 size_t mtp_faketls_wrap(const uint8_t *in, size_t n, size_t max_payload, uint8_t *out);
 
+/*
+ * Per-SNI derived secrets (as mtproto_proxy does it): the secret for domain is
+ * SHA-256(salt || hex(base) || domain)[0:16], hex in lower case, domain lower-cased.
+ */
+void mtp_faketls_derive_secret(const uint8_t base[16], const char *salt, const char *domain, uint8_t out[16]);
+
 /* ---- client side, for the test client and tests ---- */
 
 enum mtp_faketls_hello_kind {

@@ -22,6 +22,14 @@
   XX(HS_FAIL_DISABLED, "mtproxy_handshake_failures_total", "reason=\"protocol_disabled\"", counter, "")   \
   XX(HS_FAIL_TIMEOUT, "mtproxy_handshake_failures_total", "reason=\"timeout\"", counter, "")              \
   XX(HS_FAIL_EOF, "mtproxy_handshake_failures_total", "reason=\"closed_early\"", counter, "")             \
+  XX(HS_FAIL_TLS_BAD_HELLO, "mtproxy_handshake_failures_total", "reason=\"tls_bad_hello\"", counter, "") \
+  XX(HS_FAIL_TLS_BAD_HMAC, "mtproxy_handshake_failures_total", "reason=\"tls_bad_hmac\"", counter, "")   \
+  XX(HS_FAIL_TLS_BAD_SNI, "mtproxy_handshake_failures_total", "reason=\"tls_bad_sni\"", counter, "")     \
+  XX(HS_FAIL_TLS_TIME, "mtproxy_handshake_failures_total", "reason=\"tls_bad_time\"", counter, "")       \
+  XX(HS_FAIL_TLS_REPLAY, "mtproxy_handshake_failures_total", "reason=\"tls_replay\"", counter, "")       \
+  XX(HS_FAIL_OBF2_REPLAY, "mtproxy_handshake_failures_total", "reason=\"obf2_replay\"", counter, "")     \
+  XX(HS_FAIL_NOT_TLS, "mtproxy_handshake_failures_total", "reason=\"not_tls\"", counter, "")             \
+  XX(HS_FAIL_POLICY, "mtproxy_handshake_failures_total", "reason=\"policy\"", counter, "")               \
   XX(CLOSE_IDLE, "mtproxy_client_closes_total", "reason=\"idle\"", counter, "client connections closed by the proxy") \
   XX(CLOSE_BACKPRESSURE, "mtproxy_client_closes_total", "reason=\"backpressure\"", counter, "")           \
   XX(CLOSE_BAD_FRAME, "mtproxy_client_closes_total", "reason=\"bad_frame\"", counter, "")                 \
@@ -38,7 +46,27 @@
   XX(RPC_STREAMS, "mtproxy_rpc_clients", "", gauge, "clients carried over middle-proxy connections now")  \
   XX(RPC_MIGRATIONS, "mtproxy_rpc_client_migrations_total", "", counter, "idle clients moved to another connection after theirs closed") \
   XX(TGCONF_FETCH_OK, "mtproxy_telegram_config_fetches_total", "result=\"ok\"", counter, "Telegram config/secret loads") \
-  XX(TGCONF_FETCH_FAIL, "mtproxy_telegram_config_fetches_total", "result=\"failed\"", counter, "")
+  XX(TGCONF_FETCH_FAIL, "mtproxy_telegram_config_fetches_total", "result=\"failed\"", counter, "")  \
+  /* fake-TLS, replay, fronting (issue 3) */                                                             \
+  XX(HS_OK_FAKE_TLS, "mtproxy_fake_tls_handshakes_total", "", counter, "fake-TLS handshakes accepted (the obf2 protocol inside is counted in mtproxy_handshakes_total)") \
+  XX(FRONTED_TOTAL, "mtproxy_fronted_connections_total", "", counter, "connections spliced to the fronting target") \
+  XX(FRONTED_ACTIVE, "mtproxy_fronted_connections", "", gauge, "fronted connections open now")          \
+  XX(FRONTED_FAILED, "mtproxy_fronting_failures_total", "", counter, "fronting attempts that could not reach the target or were refused (loop)") \
+  XX(FRONTED_BYTES_IN, "mtproxy_fronted_bytes_total", "direction=\"in\"", counter, "bytes spliced client->target / target->client") \
+  XX(FRONTED_BYTES_OUT, "mtproxy_fronted_bytes_total", "direction=\"out\"", counter, "")               \
+  XX(TLS_PROBE_OK, "mtproxy_tls_probes_total", "result=\"ok\"", counter, "probes of the fronted host that learnt its certificate flight size") \
+  XX(TLS_PROBE_FAIL, "mtproxy_tls_probes_total", "result=\"failed\"", counter, "")                     \
+  /* split-mode tunnel (issue 4) */                                                                      \
+  XX(TUNNEL_UP, "mtproxy_tunnel_connections", "", gauge, "tunnel connections established now (front: to the back; back: from fronts)") \
+  XX(TUNNEL_CONNECTS, "mtproxy_tunnel_connects_total", "", counter, "tunnel connections established (front: includes reconnects)") \
+  XX(TUNNEL_FAILS, "mtproxy_tunnel_failures_total", "", counter, "tunnel connections that failed: connect, TLS handshake, peer check, protocol or heartbeat") \
+  XX(TUNNEL_STREAMS, "mtproxy_tunnel_streams", "", gauge, "client streams carried over tunnels now")    \
+  XX(TUNNEL_STREAMS_OPENED, "mtproxy_tunnel_streams_opened_total", "", counter, "client streams opened over tunnels") \
+  XX(TUNNEL_BYTES_OUT, "mtproxy_tunnel_bytes_total", "direction=\"out\"", counter, "tunnel bytes sent / received (TLS payload)") \
+  XX(TUNNEL_BYTES_IN, "mtproxy_tunnel_bytes_total", "direction=\"in\"", counter, "")                     \
+  /* policy and lifecycle (issue 5) */                                                                   \
+  XX(RELOADS_OK, "mtproxy_config_reloads_total", "result=\"ok\"", counter, "configuration reloads")    \
+  XX(RELOADS_FAIL, "mtproxy_config_reloads_total", "result=\"failed\"", counter, "")
 
 enum mtp_metric {
 #define XX(id, name, labels, type, help) MTP_M_##id,

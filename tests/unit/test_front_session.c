@@ -490,7 +490,7 @@ int main(void) {
 
   CHECK(uv_loop_init(&loop) == 0);
   CHECK(uv_async_init(&loop, &stop_async, on_stop_async) == 0);
-  CHECK(mtp_front_worker_setup(&worker, &cfg, bound, &loop, &fake_link, 0) == MTP_OK);
+  CHECK(mtp_front_worker_setup(&worker, &cfg, bound, &loop, &fake_link, 0, NULL) == MTP_OK);
   pthread_t th;
   CHECK(pthread_create(&th, NULL, loop_main, NULL) == 0);
 
