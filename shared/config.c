@@ -6,6 +6,12 @@
  * setters, so a value is validated the same way wherever it comes from and the error names
  * where it came from ("--workers: ..." or "mtproxy.json: workers: ...").
  *
+ * Lists of strings (tls_domains, tunnel_allowed_fronts) are described in `lists[]`: a JSON array,
+ * or a repeatable flag whose values replace the file's list. "policy" and "tables" are
+ * file-only and have their own readers; check_policy() ties them together. Checks that involve
+ * several settings, which may come from the file and the flags, run last in finish(), which
+ * also derives replay_max_age.
+ *
  * Startup-only code: the file is read with plain stdio; allocations go through mtp_malloc.
  */
 #include "config.h"
@@ -18,6 +24,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <unistd.h>
 
 #include <cjson/cJSON.h>
@@ -74,6 +81,31 @@ const char mtp_config_usage[] =
     "  --public-host HOST        host name printed in proxy links (default: guessed)\n"
     "  --admin ADDR:PORT         metrics/status endpoint, e.g. 127.0.0.1:9100 (default: off)\n"
     "  --log-level L             error, warn, info or debug (default: info)\n"
+    "  --log-debug LIST          comma list of modules logged at debug level (default: none)\n"
+    "  --drain-timeout S         seconds clients may finish after SIGTERM, 0..3600 (default: 30)\n"
+    "  --tables-file FILE        where runtime policy table edits are kept\n"
+    "                            (default: CACHE_DIR/tables.json, or none without --cache-dir)\n"
+    "\n"
+    "Fake-TLS and domain fronting:\n"
+    "  --tls-domain DOMAIN       domain a fake-TLS (ee) client may name in its SNI; repeatable;\n"
+    "                            replaces the file's tls_domains (default: none = fake-TLS off)\n"
+    "  --tls-clock-skew S        seconds a ClientHello time may be off, 1..86400 (default: 600)\n"
+    "  --domain-fronting MODE    where failed fake-TLS connections go: off, sni (the SNI host,\n"
+    "                            port 443) or HOST:PORT, e.g. 127.0.0.1:8443 (default: sni)\n"
+    "  --replay-cache-mb N       memory for the replay cache in MiB, 1..4096 (default: 16)\n"
+    "  --per-sni-secrets on|off  derive a different secret per tls domain (default: off)\n"
+    "  --per-sni-salt SALT       the salt for --per-sni-secrets (required with it)\n"
+    "\n"
+    "Split mode (mtproxy-front / mtproxy-back):\n"
+    "  --back HOST:PORT          front: the back's tunnel address (default: none)\n"
+    "  --tunnel-listen ADDR:PORT back: where fronts connect, e.g. 0.0.0.0:8444 (default: none)\n"
+    "  --tunnel-cert FILE        this node's PEM certificate for the tunnel\n"
+    "  --tunnel-key FILE         its PEM private key\n"
+    "  --tunnel-ca FILE          the PEM CA that signs every node's certificate\n"
+    "  --tunnel-allow NAME       back: a front name (certificate CN) allowed in; repeatable;\n"
+    "                            replaces the file's list (default: any front of the CA)\n"
+    "  --node-name NAME          this node's name in the tunnel (default: the host name)\n"
+    "\n"
     "  -h, --help                print this help and exit\n";
 
 /* ---- errors ---- */
@@ -303,6 +335,79 @@ static bool valid_name(const char *s) {
   return true;
 }
 
+#define NAME_RULE "1..64 characters of A-Z a-z 0-9 _ - ."
+
+/* A DNS host name: letters, digits, '-' and '.', 1..253 characters, labels of 1..63. */
+static bool valid_hostname(const char *s) {
+  size_t n = strlen(s), label = 0;
+  if (n == 0 || n > 253)
+    return false;
+  for (size_t i = 0; i < n; i++) {
+    char c = s[i];
+    if (c == '.') {
+      if (label == 0)
+        return false;
+      label = 0;
+      continue;
+    }
+    if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '-'))
+      return false;
+    if (++label > 63)
+      return false;
+  }
+  return label > 0;
+}
+
+#define HOSTNAME_RULE "a host name: letters, digits, '-' and '.', 1..253 characters, labels of 1..63"
+
+static void lower_ascii(char *s) {
+  for (; *s != '\0'; s++)
+    if (*s >= 'A' && *s <= 'Z')
+      *s = (char)(*s - 'A' + 'a');
+}
+
+/* "name:PORT", "1.2.3.4:PORT" or "[IPv6]:PORT" with PORT 1..65535. host (hostlen >= 254) gets
+ * the host without brackets; names are lower-cased. A name of digits and dots only must be a
+ * valid IPv4 address, so "1.2.3:443" is caught here rather than by the resolver. */
+static int parse_host_port(const char *s, char *host, size_t hostlen, uint16_t *port) {
+  const char *colon;
+  size_t hl;
+  if (s[0] == '[') {
+    const char *close = strchr(s, ']');
+    struct in6_addr a6;
+    if (close == NULL || close[1] != ':')
+      return MTP_EINVAL;
+    hl = (size_t)(close - s - 1);
+    if (hl == 0 || hl >= hostlen)
+      return MTP_EINVAL;
+    memcpy(host, s + 1, hl);
+    host[hl] = '\0';
+    if (inet_pton(AF_INET6, host, &a6) != 1)
+      return MTP_EINVAL;
+    colon = close + 1;
+  } else {
+    colon = strchr(s, ':');
+    if (colon == NULL || strchr(colon + 1, ':') != NULL)
+      return MTP_EINVAL;
+    hl = (size_t)(colon - s);
+    if (hl == 0 || hl >= hostlen)
+      return MTP_EINVAL;
+    memcpy(host, s, hl);
+    host[hl] = '\0';
+    if (!valid_hostname(host))
+      return MTP_EINVAL;
+    if (strspn(host, "0123456789.") == hl) {
+      struct in_addr a4;
+      if (inet_pton(AF_INET, host, &a4) != 1)
+        return MTP_EINVAL;
+    }
+    lower_ascii(host);
+  }
+  if (parse_port(colon + 1, port) != MTP_OK || *port == 0)
+    return MTP_EINVAL;
+  return MTP_OK;
+}
+
 static int ncpus(void) {
   long n = sysconf(_SC_NPROCESSORS_ONLN);
   if (n < 1)
@@ -314,12 +419,23 @@ static int ncpus(void) {
 
 /* ---- lifecycle ---- */
 
+static void strings_free(char **v, size_t n) {
+  if (v == NULL)
+    return;
+  for (size_t i = 0; i < n; i++)
+    mtp_free(v[i]);
+  mtp_free(v);
+}
+
 static void listener_free(struct mtp_listener_conf *l) {
   mtp_free(l->name);
   l->name = NULL;
   mtp_free(l->secrets);
   l->secrets = NULL;
   l->nsecrets = 0;
+  strings_free(l->tls_domains, l->ntls_domains);
+  l->tls_domains = NULL;
+  l->ntls_domains = 0;
 }
 
 static void listeners_free(struct mtp_listener_conf *ls, size_t n) {
@@ -328,6 +444,37 @@ static void listeners_free(struct mtp_listener_conf *ls, size_t n) {
   for (size_t i = 0; i < n; i++)
     listener_free(&ls[i]);
   mtp_free(ls);
+}
+
+static void rules_free(struct mtp_policy_rule_conf *rules, size_t n) {
+  if (rules == NULL)
+    return;
+  for (size_t i = 0; i < n; i++)
+    mtp_free(rules[i].table);
+  mtp_free(rules);
+}
+
+static void tables_free(struct mtp_table_conf *tables, size_t n) {
+  if (tables == NULL)
+    return;
+  for (size_t i = 0; i < n; i++) {
+    mtp_free(tables[i].name);
+    strings_free(tables[i].entries, tables[i].nentries);
+  }
+  mtp_free(tables);
+}
+
+/* The default replay_max_age: the least that still covers a ClientHello timestamp `skew` off
+ * in either direction. */
+static uint32_t min_replay_age(double skew) { return (uint32_t)ceil(2 * skew); }
+
+/* This host's name when it is a valid node name, else "node". */
+static char *default_node_name(void) {
+  char host[256];
+  if (gethostname(host, sizeof(host)) != 0)
+    return mtp_strdup("node");
+  host[sizeof(host) - 1] = '\0';
+  return mtp_strdup(valid_name(host) ? host : "node");
 }
 
 void mtp_config_defaults(struct mtp_config *cfg) {
@@ -343,6 +490,24 @@ void mtp_config_defaults(struct mtp_config *cfg) {
   cfg->proxy_config = mtp_strdup(DEFAULT_PROXY_CONFIG);
   cfg->config_refresh = 3600;
   cfg->log_level = MTP_LOG_INFO;
+
+  cfg->tls_clock_skew = 600;
+  cfg->tls_record_size = 16384;
+  cfg->tls_flight_size = 0;
+  cfg->tls_probe_interval = 3600;
+  cfg->fronting_mode = MTP_FRONTING_SNI;
+  cfg->fronting_connect_timeout = 10;
+  cfg->fronting_idle_timeout = 120;
+  cfg->replay_cache_bytes = (size_t)16 << 20;
+  cfg->replay_max_age = min_replay_age(cfg->tls_clock_skew);
+
+  cfg->tunnel_conns = 1;
+  cfg->tunnel_heartbeat = 5;
+  cfg->tunnel_timeout = 20;
+  cfg->tunnel_window = (1u << 20) + (64u << 10);
+  cfg->node_name = default_node_name();
+
+  cfg->drain_timeout = 30;
 }
 
 void mtp_config_free(struct mtp_config *cfg) {
@@ -351,29 +516,63 @@ void mtp_config_free(struct mtp_config *cfg) {
   listeners_free(cfg->listeners, cfg->nlisteners);
   cfg->listeners = NULL;
   cfg->nlisteners = 0;
-  mtp_free(cfg->proxy_secret);
-  cfg->proxy_secret = NULL;
-  mtp_free(cfg->proxy_config);
-  cfg->proxy_config = NULL;
-  mtp_free(cfg->cache_dir);
-  cfg->cache_dir = NULL;
-  mtp_free(cfg->public_host);
-  cfg->public_host = NULL;
-  mtp_free(cfg->admin);
-  cfg->admin = NULL;
+  char **owned[] = {&cfg->proxy_secret, &cfg->proxy_config, &cfg->cache_dir,     &cfg->public_host,
+                    &cfg->admin,        &cfg->log_debug,    &cfg->fronting_host, &cfg->per_sni_salt,
+                    &cfg->back,         &cfg->tunnel_listen, &cfg->tunnel_cert,  &cfg->tunnel_key,
+                    &cfg->tunnel_ca,    &cfg->node_name,    &cfg->tables_file,   &cfg->config_path};
+  for (size_t i = 0; i < sizeof(owned) / sizeof(owned[0]); i++) {
+    mtp_free(*owned[i]);
+    *owned[i] = NULL;
+  }
+  strings_free(cfg->tls_domains, cfg->ntls_domains);
+  cfg->tls_domains = NULL;
+  cfg->ntls_domains = 0;
+  strings_free(cfg->tunnel_allowed_fronts, cfg->ntunnel_allowed_fronts);
+  cfg->tunnel_allowed_fronts = NULL;
+  cfg->ntunnel_allowed_fronts = 0;
+  rules_free(cfg->policy, cfg->npolicy);
+  cfg->policy = NULL;
+  cfg->npolicy = 0;
+  tables_free(cfg->tables, cfg->ntables);
+  cfg->tables = NULL;
+  cfg->ntables = 0;
+}
+
+const char *const *mtp_config_tls_domains(const struct mtp_config *cfg, const struct mtp_listener_conf *l,
+                                          size_t *n) {
+  if (l != NULL && l->ntls_domains > 0) {
+    *n = l->ntls_domains;
+    return (const char *const *)l->tls_domains;
+  }
+  *n = cfg->ntls_domains;
+  return (const char *const *)cfg->tls_domains;
+}
+
+bool mtp_config_serves_fake_tls(const struct mtp_config *cfg, const struct mtp_listener_conf *l) {
+  size_t n;
+  mtp_config_tls_domains(cfg, l, &n);
+  return (l->allowed_protocols & MTP_ALLOW_FAKE_TLS) != 0 && n > 0 && l->nsecrets > 0;
 }
 
 /* ---- the scalar settings, shared by the JSON reader and the flag reader ---- */
 
 enum key_type {
-  KT_WORKERS, /* int, 0 = CPUs */
-  KT_INT,     /* size_t, whole number in [lo, hi] */
-  KT_SECS,    /* double in (lo, hi] or [lo, hi] */
-  KT_STR,     /* owned non-empty string */
-  KT_ADDR,    /* owned string that must parse as ADDR:PORT */
-  KT_TAG,     /* 32 hex -> has_ad_tag + ad_tag */
-  KT_NAT,     /* LOCAL:PUBLIC IPv4 */
-  KT_LOG,     /* log level */
+  KT_WORKERS,  /* int, 0 = CPUs */
+  KT_INT,      /* size_t, whole number in [lo, hi] */
+  KT_INT0,     /* size_t, 0 or a whole number in [lo, hi] */
+  KT_INTI,     /* int, whole number in [lo, hi] */
+  KT_U32,      /* uint32_t, whole number in [lo, hi] */
+  KT_MB,       /* size_t bytes, given as a whole number of MiB in [lo, hi] */
+  KT_SECS,     /* double in (lo, hi] or [lo, hi] */
+  KT_STR,      /* owned non-empty string */
+  KT_ADDR,     /* owned string that must parse as ADDR:PORT */
+  KT_HOSTPORT, /* owned string that must parse as HOST:PORT (a name, IPv4 or [IPv6]; port 1..65535) */
+  KT_NAME,     /* owned string of NAME_RULE */
+  KT_BOOL,     /* bool; JSON true/false, text on/off */
+  KT_TAG,      /* 32 hex -> has_ad_tag + ad_tag */
+  KT_NAT,      /* LOCAL:PUBLIC IPv4 */
+  KT_LOG,      /* log level */
+  KT_FRONTING, /* off | sni | HOST:PORT -> fronting_mode, fronting_host, fronting_port */
 };
 
 struct key {
@@ -406,16 +605,75 @@ static const struct key keys[] = {
     {"public_host", "--public-host", KT_STR, OFF(public_host), 0, 0, false, true, "a host name"},
     {"admin", "--admin", KT_ADDR, OFF(admin), 0, 0, false, true, "ADDR:PORT"},
     {"log_level", "--log-level", KT_LOG, OFF(log_level), 0, 0, false, false, "error, warn, info or debug"},
+    {"log_debug", "--log-debug", KT_STR, OFF(log_debug), 0, 0, false, true, "a comma list of module names"},
+    /* fake-TLS, fronting, replay (issue 3) */
+    {"tls_clock_skew", "--tls-clock-skew", KT_SECS, OFF(tls_clock_skew), 1, 86400, false, false, "seconds, 1..86400"},
+    {"tls_record_size", NULL, KT_INT, OFF(tls_record_size), 256, 16384, false, false, "bytes, 256..16384"},
+    {"tls_flight_size", NULL, KT_INT0, OFF(tls_flight_size), 64, 16384, false, false,
+     "0 (learn from the fronted host) or bytes 64..16384"},
+    {"tls_probe_interval", NULL, KT_SECS, OFF(tls_probe_interval), 60, 604800, false, false, "seconds, 60..604800"},
+    {"domain_fronting", "--domain-fronting", KT_FRONTING, 0, 0, 0, false, false,
+     "off, sni or HOST:PORT (e.g. 127.0.0.1:8443 or [::1]:8443)"},
+    {"fronting_connect_timeout", NULL, KT_SECS, OFF(fronting_connect_timeout), 0, 3600, true, false,
+     "seconds, > 0 and <= 3600"},
+    {"fronting_idle_timeout", NULL, KT_SECS, OFF(fronting_idle_timeout), 0, 604800, true, false,
+     "seconds, > 0 and <= 604800"},
+    {"replay_cache_mb", "--replay-cache-mb", KT_MB, OFF(replay_cache_bytes), 1, 4096, false, false,
+     "a whole number of MiB 1..4096"},
+    {"replay_max_age", NULL, KT_U32, OFF(replay_max_age), 0, 2592000, false, false,
+     "seconds, a whole number 0..2592000 (0 = 2 * tls_clock_skew)"},
+    {"per_sni_secrets", "--per-sni-secrets", KT_BOOL, OFF(per_sni_secrets), 0, 0, false, false, "on or off"},
+    {"per_sni_salt", "--per-sni-salt", KT_STR, OFF(per_sni_salt), 0, 0, false, true, "a salt string"},
+    /* split mode (issue 4) */
+    {"back", "--back", KT_HOSTPORT, OFF(back), 0, 0, false, true, "HOST:PORT"},
+    {"tunnel_listen", "--tunnel-listen", KT_ADDR, OFF(tunnel_listen), 0, 0, false, true, "ADDR:PORT"},
+    {"tunnel_cert", "--tunnel-cert", KT_STR, OFF(tunnel_cert), 0, 0, false, true, "a PEM file path"},
+    {"tunnel_key", "--tunnel-key", KT_STR, OFF(tunnel_key), 0, 0, false, true, "a PEM file path"},
+    {"tunnel_ca", "--tunnel-ca", KT_STR, OFF(tunnel_ca), 0, 0, false, true, "a PEM file path"},
+    {"tunnel_conns", NULL, KT_INTI, OFF(tunnel_conns), 1, 64, false, false, "a whole number 1..64"},
+    {"tunnel_heartbeat", NULL, KT_SECS, OFF(tunnel_heartbeat), 0, 3600, true, false, "seconds, > 0 and <= 3600"},
+    {"tunnel_timeout", NULL, KT_SECS, OFF(tunnel_timeout), 0, 86400, true, false, "seconds, > 0 and <= 86400"},
+    {"tunnel_window", NULL, KT_INT, OFF(tunnel_window), 65536, 67108864, false, false, "bytes, 65536..67108864"},
+    {"node_name", "--node-name", KT_NAME, OFF(node_name), 0, 0, false, false, NAME_RULE},
+    /* policy and operations (issue 5) */
+    {"tables_file", "--tables-file", KT_STR, OFF(tables_file), 0, 0, false, true, "a file path"},
+    {"drain_timeout", "--drain-timeout", KT_SECS, OFF(drain_timeout), 0, 3600, false, false, "seconds, 0..3600"},
 };
 #define NKEYS (sizeof(keys) / sizeof(keys[0]))
 
-static bool is_numeric(enum key_type t) { return t == KT_WORKERS || t == KT_INT || t == KT_SECS; }
+/* Settings that are lists of strings: a JSON array, or a repeatable flag whose values replace
+ * the file's list. */
+enum list_kind {
+  LK_DOMAIN, /* HOSTNAME_RULE, lower-cased */
+  LK_NAME,   /* NAME_RULE */
+  LK_VALUE,  /* a table entry: 1..255 printable characters; checked against its key by check_policy */
+};
+
+struct list_key {
+  const char *json;
+  const char *flag;
+  enum list_kind kind;
+  size_t off, noff; /* char ** and its size_t count in struct mtp_config */
+};
+
+static const struct list_key lists[] = {
+    {"tls_domains", "--tls-domain", LK_DOMAIN, OFF(tls_domains), OFF(ntls_domains)},
+    {"tunnel_allowed_fronts", "--tunnel-allow", LK_NAME, OFF(tunnel_allowed_fronts), OFF(ntunnel_allowed_fronts)},
+};
+#define NLISTS (sizeof(lists) / sizeof(lists[0]))
+
+static bool is_numeric(enum key_type t) {
+  return t == KT_WORKERS || t == KT_INT || t == KT_INT0 || t == KT_INTI || t == KT_U32 || t == KT_MB ||
+         t == KT_SECS;
+}
 
 /* Sets a numeric key; `shown` is the value as the user wrote it (for the message). */
 static int set_number(const struct key *k, const char *where, double v, const char *shown, struct mtp_config *cfg,
                       char *err, size_t errlen) {
   bool integral = k->type != KT_SECS;
   bool ok = isfinite(v) && (k->lo_excl ? v > k->lo : v >= k->lo) && v <= k->hi;
+  if (k->type == KT_INT0 && v == 0)
+    ok = true;
   if (ok && integral && v != floor(v))
     ok = false;
   if (!ok)
@@ -426,7 +684,17 @@ static int set_number(const struct key *k, const char *where, double v, const ch
     *(int *)(base + k->off) = v == 0 ? ncpus() : (int)v;
     break;
   case KT_INT:
+  case KT_INT0:
     *(size_t *)(base + k->off) = (size_t)v;
+    break;
+  case KT_INTI:
+    *(int *)(base + k->off) = (int)v;
+    break;
+  case KT_U32:
+    *(uint32_t *)(base + k->off) = (uint32_t)v;
+    break;
+  case KT_MB:
+    *(size_t *)(base + k->off) = (size_t)v << 20;
     break;
   default:
     *(double *)(base + k->off) = v;
@@ -441,6 +709,42 @@ static int set_owned_string(char **field, const char *s, char *err, size_t errle
     return ENOMEMF();
   mtp_free(*field);
   *field = copy;
+  return MTP_OK;
+}
+
+static int parse_bool(const char *s, bool *out) {
+  static const char *const yes[] = {"on", "true", "yes", "1"}, *const no[] = {"off", "false", "no", "0"};
+  for (size_t i = 0; i < sizeof(yes) / sizeof(yes[0]); i++) {
+    if (strcmp(s, yes[i]) == 0) {
+      *out = true;
+      return MTP_OK;
+    }
+    if (strcmp(s, no[i]) == 0) {
+      *out = false;
+      return MTP_OK;
+    }
+  }
+  return MTP_EINVAL;
+}
+
+static int set_fronting(const char *where, const char *s, struct mtp_config *cfg, char *err, size_t errlen) {
+  char host[256];
+  uint16_t port;
+  if (strcmp(s, "off") == 0 || strcmp(s, "sni") == 0) {
+    cfg->fronting_mode = s[0] == 'o' ? MTP_FRONTING_OFF : MTP_FRONTING_SNI;
+    mtp_free(cfg->fronting_host);
+    cfg->fronting_host = NULL;
+    cfg->fronting_port = 0;
+    return MTP_OK;
+  }
+  if (parse_host_port(s, host, sizeof(host), &port) != MTP_OK)
+    return EINVALF("%s: '%.80s' is not off, sni or HOST:PORT (e.g. 127.0.0.1:8443 or [::1]:8443; port 1..65535)",
+                   where, s);
+  int rc = set_owned_string(&cfg->fronting_host, host, err, errlen);
+  if (rc != MTP_OK)
+    return rc;
+  cfg->fronting_mode = MTP_FRONTING_HOST;
+  cfg->fronting_port = port;
   return MTP_OK;
 }
 
@@ -467,6 +771,25 @@ static int set_from_text(const struct key *k, const char *where, const char *s, 
       return EINVALF("%s: '%.80s' is not ADDR:PORT (e.g. 127.0.0.1:9100 or [::1]:9100)", where, s);
     return set_owned_string((char **)(base + k->off), s, err, errlen);
   }
+  case KT_HOSTPORT: {
+    char host[256];
+    uint16_t port;
+    if (parse_host_port(s, host, sizeof(host), &port) != MTP_OK)
+      return EINVALF("%s: '%.80s' is not HOST:PORT (e.g. back.example.com:8444, 192.0.2.7:8444 or "
+                     "[2001:db8::7]:8444; port 1..65535)",
+                     where, s);
+    return set_owned_string((char **)(base + k->off), s, err, errlen);
+  }
+  case KT_NAME:
+    if (!valid_name(s))
+      return EINVALF("%s: '%.80s' must be %s", where, s, NAME_RULE);
+    return set_owned_string((char **)(base + k->off), s, err, errlen);
+  case KT_BOOL:
+    if (parse_bool(s, (bool *)(base + k->off)) != MTP_OK)
+      return EINVALF("%s: '%.40s' is not on or off", where, s);
+    return MTP_OK;
+  case KT_FRONTING:
+    return set_fronting(where, s, cfg, err, errlen);
   case KT_TAG:
     if (parse_hex16(s, cfg->ad_tag) != MTP_OK)
       return EINVALF("%s: '%.80s' is not 32 hex characters", where, s);
@@ -498,7 +821,9 @@ static void unset_key(const struct key *k, struct mtp_config *cfg) {
     cfg->nat_local = cfg->nat_public = 0;
     break;
   case KT_STR:
-  case KT_ADDR: {
+  case KT_ADDR:
+  case KT_HOSTPORT:
+  case KT_NAME: {
     char **field = (char **)(base + k->off);
     mtp_free(*field);
     *field = NULL;
@@ -507,6 +832,45 @@ static void unset_key(const struct key *k, struct mtp_config *cfg) {
   default:
     break;
   }
+}
+
+/* ---- lists of strings ---- */
+
+static char ***list_items(const struct list_key *lk, void *base) { return (char ***)((char *)base + lk->off); }
+static size_t *list_count(const struct list_key *lk, void *base) { return (size_t *)((char *)base + lk->noff); }
+
+/* Validates s for `kind` and appends a normalised copy to (*items, *n). */
+static int list_add(enum list_kind kind, const char *where, const char *s, char ***items, size_t *n, char *err,
+                    size_t errlen) {
+  if (kind == LK_DOMAIN && !valid_hostname(s))
+    return EINVALF("%s: '%.80s' is not %s", where, s, HOSTNAME_RULE);
+  if (kind == LK_NAME && !valid_name(s))
+    return EINVALF("%s: '%.80s' must be %s", where, s, NAME_RULE);
+  if (kind == LK_VALUE) {
+    size_t len = strlen(s);
+    bool printable = len > 0 && len <= 255;
+    for (size_t i = 0; printable && i < len; i++)
+      printable = (unsigned char)s[i] > ' ' && s[i] != 0x7f;
+    if (!printable)
+      return EINVALF("%s: '%.80s' must be 1..255 printable characters without spaces", where, s);
+  }
+  for (size_t i = 0; i < *n; i++)
+    if ((kind == LK_DOMAIN ? strcasecmp((*items)[i], s) : strcmp((*items)[i], s)) == 0)
+      return EINVALF("%s: '%.80s' is given twice", where, s);
+  char *copy = mtp_strdup(s);
+  if (copy == NULL)
+    return ENOMEMF();
+  if (kind == LK_DOMAIN)
+    lower_ascii(copy);
+  char **grown = mtp_realloc(*items, (*n + 1) * sizeof(*grown));
+  if (grown == NULL) {
+    mtp_free(copy);
+    return ENOMEMF();
+  }
+  grown[*n] = copy;
+  *items = grown;
+  (*n)++;
+  return MTP_OK;
 }
 
 /* ---- JSON ---- */
@@ -542,6 +906,12 @@ static int json_scalar(const struct key *k, const char *where, const cJSON *j, s
     unset_key(k, cfg);
     return MTP_OK;
   }
+  if (k->type == KT_BOOL) {
+    if (!cJSON_IsBool(j))
+      return EINVALF("%s: must be true or false, not %s", where, json_type_name(j));
+    *(bool *)((char *)cfg + k->off) = cJSON_IsTrue(j);
+    return MTP_OK;
+  }
   if (is_numeric(k->type)) {
     if (!cJSON_IsNumber(j))
       return EINVALF("%s: must be a number (%s), not %s", where, k->range, json_type_name(j));
@@ -553,6 +923,35 @@ static int json_scalar(const struct key *k, const char *where, const cJSON *j, s
     return EINVALF("%s: must be a string (%s)%s, not %s", where, k->range, k->nullable ? " or null" : "",
                    json_type_name(j));
   return set_from_text(k, where, j->valuestring, cfg, err, errlen);
+}
+
+/* A JSON array of strings (or null = empty) replaces (*items, *n). */
+static int json_list(enum list_kind kind, const char *where, const cJSON *j, char ***items, size_t *n, char *err,
+                     size_t errlen) {
+  char **v = NULL;
+  size_t nv = 0, i = 0;
+  int rc = MTP_OK;
+  if (!cJSON_IsArray(j) && !cJSON_IsNull(j))
+    return EINVALF("%s: must be an array of strings, not %s", where, json_type_name(j));
+  for (const cJSON *p = cJSON_IsArray(j) ? j->child : NULL; p != NULL; p = p->next, i++) {
+    char w[320];
+    snprintf(w, sizeof(w), "%.300s[%zu]", where, i);
+    if (!cJSON_IsString(p)) {
+      rc = EINVALF("%s: must be a string, not %s", w, json_type_name(p));
+      goto out;
+    }
+    rc = list_add(kind, w, p->valuestring, &v, &nv, err, errlen);
+    if (rc != MTP_OK)
+      goto out;
+  }
+  strings_free(*items, *n);
+  *items = v;
+  *n = nv;
+  v = NULL;
+  nv = 0;
+out:
+  strings_free(v, nv);
+  return rc;
 }
 
 static int json_listener(const cJSON *obj, const char *name, size_t idx, bool allow_no_secrets,
@@ -627,8 +1026,13 @@ static int json_listener(const cJSON *obj, const char *name, size_t idx, bool al
       }
       l->allowed_protocols = bits;
       *own_protocols = true;
+    } else if (strcmp(it->string, "tls_domains") == 0) {
+      int rc = json_list(LK_DOMAIN, where, it, &l->tls_domains, &l->ntls_domains, err, errlen);
+      if (rc != MTP_OK)
+        return rc;
     } else {
-      return EINVALF("%s: unknown key (known: name, listen, secrets, ad_tag, allowed_protocols)", where);
+      return EINVALF("%s: unknown key (known: name, listen, secrets, ad_tag, allowed_protocols, tls_domains)",
+                     where);
     }
   }
   if (listen == NULL)
@@ -689,6 +1093,298 @@ out:
   return rc;
 }
 
+/* ---- policy and tables (file only) ---- */
+
+#define RULE_NAMES "in_table, not_in_table, max_connections"
+#define PKEY_NAMES "listener, client_ipv4, client_ipv6, ipv4/M (M 0..32), ipv6/M (M 0..128), tls_domain"
+#define MAX_RULE_MAX 9007199254740992.0 /* 2^53: every whole number up to here is exact in JSON */
+
+static const char *const rule_names[] = {"in_table", "not_in_table", "max_connections"};
+
+static const struct {
+  const char *name;
+  enum mtp_policy_key key;
+} plain_pkeys[] = {
+    {"listener", MTP_PKEY_LISTENER},
+    {"client_ipv4", MTP_PKEY_CLIENT_IPV4},
+    {"client_ipv6", MTP_PKEY_CLIENT_IPV6},
+    {"tls_domain", MTP_PKEY_TLS_DOMAIN},
+};
+
+/* A prefix length: 1..3 digits, at most max. */
+static int parse_prefix(const char *d, int max, int *out) {
+  size_t n = strlen(d);
+  if (n == 0 || n > 3 || strspn(d, "0123456789") != n)
+    return MTP_EINVAL;
+  int v = 0;
+  for (size_t i = 0; i < n; i++)
+    v = v * 10 + (d[i] - '0');
+  if (v > max)
+    return MTP_EINVAL;
+  *out = v;
+  return MTP_OK;
+}
+
+static int parse_pkey(const char *s, struct mtp_policy_keyspec *k) {
+  for (size_t i = 0; i < sizeof(plain_pkeys) / sizeof(plain_pkeys[0]); i++) {
+    if (strcmp(s, plain_pkeys[i].name) == 0) {
+      k->key = plain_pkeys[i].key;
+      k->prefix = 0;
+      return MTP_OK;
+    }
+  }
+  bool v4 = strncmp(s, "ipv4/", 5) == 0, v6 = strncmp(s, "ipv6/", 5) == 0;
+  if (!v4 && !v6)
+    return MTP_EINVAL;
+  if (parse_prefix(s + 5, v4 ? 32 : 128, &k->prefix) != MTP_OK)
+    return MTP_EINVAL;
+  k->key = v4 ? MTP_PKEY_IPV4_SUBNET : MTP_PKEY_IPV6_SUBNET;
+  return MTP_OK;
+}
+
+static void pkey_str(const struct mtp_policy_keyspec *k, char *out, size_t outlen) {
+  if (k->key == MTP_PKEY_IPV4_SUBNET || k->key == MTP_PKEY_IPV6_SUBNET) {
+    snprintf(out, outlen, "ipv%c/%d", k->key == MTP_PKEY_IPV4_SUBNET ? '4' : '6', k->prefix);
+    return;
+  }
+  for (size_t i = 0; i < sizeof(plain_pkeys) / sizeof(plain_pkeys[0]); i++)
+    if (plain_pkeys[i].key == k->key)
+      snprintf(out, outlen, "%s", plain_pkeys[i].name);
+}
+
+/* One element of "policy". r is zeroed by the caller; what it owns is freed by the caller. */
+static int json_rule(const cJSON *obj, const char *name, size_t idx, struct mtp_policy_rule_conf *r, char *err,
+                     size_t errlen) {
+  char where[320];
+  if (!cJSON_IsObject(obj))
+    return EINVALF("%s: policy[%zu]: must be an object, not %s", name, idx, json_type_name(obj));
+  const cJSON *dup = find_duplicate(obj);
+  if (dup != NULL)
+    return EINVALF("%s: policy[%zu].%s: duplicate key", name, idx, dup->string);
+  const cJSON *rule = cJSON_GetObjectItemCaseSensitive(obj, "rule");
+  if (rule == NULL)
+    return EINVALF("%s: policy[%zu]: missing \"rule\" (one of %s)", name, idx, RULE_NAMES);
+  if (!cJSON_IsString(rule))
+    return EINVALF("%s: policy[%zu].rule: must be a string, not %s", name, idx, json_type_name(rule));
+  size_t kind = 0;
+  while (kind < 3 && strcmp(rule->valuestring, rule_names[kind]) != 0)
+    kind++;
+  if (kind == 3)
+    return EINVALF("%s: policy[%zu].rule: '%.40s' is not one of %s", name, idx, rule->valuestring, RULE_NAMES);
+  r->kind = (enum mtp_policy_rule_kind)kind;
+  bool table_rule = r->kind != MTP_PRULE_MAX_CONNECTIONS, have_max = false;
+  for (const cJSON *it = obj->child; it != NULL; it = it->next) {
+    snprintf(where, sizeof(where), "%.200s: policy[%zu].%.64s", name, idx, it->string);
+    if (strcmp(it->string, "rule") == 0) {
+      continue;
+    } else if (table_rule && strcmp(it->string, "key") == 0) {
+      if (!cJSON_IsString(it))
+        return EINVALF("%s: must be a string, not %s", where, json_type_name(it));
+      if (parse_pkey(it->valuestring, &r->keys[0]) != MTP_OK)
+        return EINVALF("%s: '%.40s' is not one of %s", where, it->valuestring, PKEY_NAMES);
+      r->nkeys = 1;
+    } else if (table_rule && strcmp(it->string, "table") == 0) {
+      if (!cJSON_IsString(it))
+        return EINVALF("%s: must be a string, not %s", where, json_type_name(it));
+      if (!valid_name(it->valuestring))
+        return EINVALF("%s: '%.80s' must be %s", where, it->valuestring, NAME_RULE);
+      int rc = set_owned_string(&r->table, it->valuestring, err, errlen);
+      if (rc != MTP_OK)
+        return rc;
+    } else if (!table_rule && strcmp(it->string, "keys") == 0) {
+      if (!cJSON_IsArray(it))
+        return EINVALF("%s: must be an array of strings, not %s", where, json_type_name(it));
+      if (cJSON_GetArraySize(it) > MTP_POLICY_MAX_KEYS)
+        return EINVALF("%s: at most %d keys", where, MTP_POLICY_MAX_KEYS);
+      r->nkeys = 0;
+      for (const cJSON *p = it->child; p != NULL; p = p->next) {
+        size_t i = r->nkeys;
+        if (!cJSON_IsString(p))
+          return EINVALF("%s[%zu]: must be a string, not %s", where, i, json_type_name(p));
+        if (parse_pkey(p->valuestring, &r->keys[i]) != MTP_OK)
+          return EINVALF("%s[%zu]: '%.40s' is not one of %s", where, i, p->valuestring, PKEY_NAMES);
+        for (size_t j = 0; j < i; j++)
+          if (r->keys[j].key == r->keys[i].key && r->keys[j].prefix == r->keys[i].prefix)
+            return EINVALF("%s[%zu]: '%.40s' is given twice", where, i, p->valuestring);
+        r->nkeys = i + 1;
+      }
+    } else if (!table_rule && strcmp(it->string, "max") == 0) {
+      if (!cJSON_IsNumber(it))
+        return EINVALF("%s: must be a number (a whole number >= 1), not %s", where, json_type_name(it));
+      double v = it->valuedouble;
+      if (!isfinite(v) || v < 1 || v > MAX_RULE_MAX || v != floor(v))
+        return EINVALF("%s: '%.15g' must be a whole number >= 1", where, v);
+      r->max = (uint64_t)v;
+      have_max = true;
+    } else {
+      return EINVALF("%s: unknown key (rule %s takes %s)", where, rule_names[kind],
+                     table_rule ? "rule, key, table" : "rule, keys, max");
+    }
+  }
+  if (table_rule && r->nkeys == 0)
+    return EINVALF("%s: policy[%zu]: missing \"key\" (one of %s)", name, idx, PKEY_NAMES);
+  if (table_rule && r->table == NULL)
+    return EINVALF("%s: policy[%zu]: missing \"table\" (a name in \"tables\")", name, idx);
+  if (!table_rule && !have_max)
+    return EINVALF("%s: policy[%zu]: missing \"max\" (a whole number >= 1)", name, idx);
+  return MTP_OK;
+}
+
+static int json_policy(const cJSON *arr, const char *name, struct mtp_config *cfg, char *err, size_t errlen) {
+  if (!cJSON_IsArray(arr))
+    return EINVALF("%s: policy: must be an array of objects, not %s", name, json_type_name(arr));
+  size_t n = (size_t)cJSON_GetArraySize(arr), i = 0;
+  struct mtp_policy_rule_conf *rules = NULL;
+  int rc = MTP_OK;
+  if (n > 0 && (rules = mtp_calloc(n, sizeof(*rules))) == NULL)
+    return ENOMEMF();
+  for (const cJSON *it = arr->child; it != NULL; it = it->next, i++) {
+    rc = json_rule(it, name, i, &rules[i], err, errlen);
+    if (rc != MTP_OK)
+      goto out;
+  }
+  rules_free(cfg->policy, cfg->npolicy);
+  cfg->policy = rules;
+  cfg->npolicy = n;
+  rules = NULL;
+out:
+  rules_free(rules, n);
+  return rc;
+}
+
+static int json_tables(const cJSON *obj, const char *name, struct mtp_config *cfg, char *err, size_t errlen) {
+  if (!cJSON_IsObject(obj))
+    return EINVALF("%s: tables: must be an object of arrays of strings, not %s", name, json_type_name(obj));
+  const cJSON *dup = find_duplicate(obj);
+  if (dup != NULL)
+    return EINVALF("%s: tables.%s: duplicate key", name, dup->string);
+  size_t n = (size_t)cJSON_GetArraySize(obj), i = 0;
+  struct mtp_table_conf *ts = NULL;
+  int rc = MTP_OK;
+  if (n > 0 && (ts = mtp_calloc(n, sizeof(*ts))) == NULL)
+    return ENOMEMF();
+  for (const cJSON *it = obj->child; it != NULL; it = it->next, i++) {
+    char where[320];
+    snprintf(where, sizeof(where), "%.200s: tables.%.80s", name, it->string);
+    if (!valid_name(it->string)) {
+      rc = EINVALF("%s: a table name must be %s", where, NAME_RULE);
+      goto out;
+    }
+    if (!cJSON_IsArray(it)) {
+      rc = EINVALF("%s: must be an array of strings, not %s", where, json_type_name(it));
+      goto out;
+    }
+    rc = set_owned_string(&ts[i].name, it->string, err, errlen);
+    if (rc == MTP_OK)
+      rc = json_list(LK_VALUE, where, it, &ts[i].entries, &ts[i].nentries, err, errlen);
+    if (rc != MTP_OK)
+      goto out;
+  }
+  tables_free(cfg->tables, cfg->ntables);
+  cfg->tables = ts;
+  cfg->ntables = n;
+  ts = NULL;
+out:
+  tables_free(ts, n);
+  return rc;
+}
+
+/* What a table's entries must look like, from the keys the rules match against it. */
+enum { TK_NAME = 1, TK_DOMAIN = 2, TK_V4 = 4, TK_V6 = 8 };
+
+static unsigned pkey_table_kind(enum mtp_policy_key k) {
+  switch (k) {
+  case MTP_PKEY_LISTENER:
+    return TK_NAME;
+  case MTP_PKEY_TLS_DOMAIN:
+    return TK_DOMAIN;
+  case MTP_PKEY_CLIENT_IPV4:
+  case MTP_PKEY_IPV4_SUBNET:
+    return TK_V4;
+  default:
+    return TK_V6;
+  }
+}
+
+/* An address of family af, optionally followed by "/PREFIX". */
+static bool ip_entry(const char *s, int af) {
+  char buf[INET6_ADDRSTRLEN + 1];
+  uint8_t a[16];
+  const char *slash = strchr(s, '/');
+  size_t hl = slash != NULL ? (size_t)(slash - s) : strlen(s);
+  int prefix;
+  if (hl == 0 || hl >= sizeof(buf))
+    return false;
+  memcpy(buf, s, hl);
+  buf[hl] = '\0';
+  if (inet_pton(af, buf, a) != 1)
+    return false;
+  return slash == NULL || parse_prefix(slash + 1, af == AF_INET ? 32 : 128, &prefix) == MTP_OK;
+}
+
+static bool entry_fits(const char *v, unsigned kinds) {
+  return ((kinds & TK_NAME) && valid_name(v)) || ((kinds & TK_DOMAIN) && valid_hostname(v)) ||
+         ((kinds & TK_V4) && ip_entry(v, AF_INET)) || ((kinds & TK_V6) && ip_entry(v, AF_INET6));
+}
+
+static void kinds_str(unsigned kinds, char *out, size_t outlen) {
+  static const char *const what[] = {"a listener name", "a host name", "an IPv4 address or network",
+                                     "an IPv6 address or network"};
+  size_t used = 0;
+  out[0] = '\0';
+  for (int b = 0; b < 4; b++) {
+    if ((kinds & (1u << b)) && used < outlen) {
+      int w = snprintf(out + used, outlen - used, "%s%s", used > 0 ? " or " : "", what[b]);
+      used += w > 0 ? (size_t)w : 0;
+    }
+  }
+}
+
+/* Every rule's table exists, and every entry of a table fits the keys the rules match against
+ * it (host names are lower-cased when the table is only matched against tls_domain). */
+static int check_policy(struct mtp_config *cfg, const char *name, char *err, size_t errlen) {
+  for (size_t i = 0; i < cfg->npolicy; i++) {
+    const struct mtp_policy_rule_conf *r = &cfg->policy[i];
+    if (r->table == NULL)
+      continue;
+    size_t t = 0;
+    while (t < cfg->ntables && strcmp(cfg->tables[t].name, r->table) != 0)
+      t++;
+    if (t == cfg->ntables)
+      return EINVALF("%s: policy[%zu].table: no table '%s' in \"tables\"", name, i, r->table);
+  }
+  for (size_t t = 0; t < cfg->ntables; t++) {
+    struct mtp_table_conf *tab = &cfg->tables[t];
+    unsigned kinds = 0;
+    size_t first = 0;
+    for (size_t i = cfg->npolicy; i-- > 0;) {
+      const struct mtp_policy_rule_conf *r = &cfg->policy[i];
+      if (r->table != NULL && strcmp(r->table, tab->name) == 0) {
+        kinds |= pkey_table_kind(r->keys[0].key);
+        first = i;
+      }
+    }
+    if (kinds == 0)
+      continue;
+    for (size_t e = 0; e < tab->nentries; e++) {
+      if (!entry_fits(tab->entries[e], kinds)) {
+        char want[160], key[32];
+        kinds_str(kinds, want, sizeof(want));
+        pkey_str(&cfg->policy[first].keys[0], key, sizeof(key));
+        return EINVALF("%s: tables.%s[%zu]: '%.80s' is not %s (policy[%zu] matches key %s against it)", name,
+                       tab->name, e, tab->entries[e], want, first, key);
+      }
+      if (kinds == TK_DOMAIN) {
+        lower_ascii(tab->entries[e]);
+        for (size_t f = 0; f < e; f++)
+          if (strcmp(tab->entries[f], tab->entries[e]) == 0)
+            return EINVALF("%s: tables.%s[%zu]: '%.80s' is given twice", name, tab->name, e, tab->entries[e]);
+      }
+    }
+  }
+  return MTP_OK;
+}
+
 /* Applies the JSON text onto cfg. own_out (may be NULL) receives, per listener, whether it set
  * its own allowed_protocols. */
 static int parse_json(const char *text, const char *name, bool allow_no_secrets, struct mtp_config *cfg,
@@ -724,26 +1420,33 @@ static int parse_json(const char *text, const char *name, bool allow_no_secrets,
     snprintf(where, sizeof(where), "%s: %s", name, it->string);
     if (strcmp(it->string, "listeners") == 0) {
       rc = json_listeners(it, name, allow_no_secrets, cfg, own_out, err, errlen);
+    } else if (strcmp(it->string, "policy") == 0) {
+      rc = json_policy(it, name, cfg, err, errlen);
+    } else if (strcmp(it->string, "tables") == 0) {
+      rc = json_tables(it, name, cfg, err, errlen);
     } else {
       const struct key *k = NULL;
+      const struct list_key *lk = NULL;
       for (size_t i = 0; i < NKEYS; i++)
         if (strcmp(keys[i].json, it->string) == 0)
           k = &keys[i];
-      if (k == NULL)
-        rc = EINVALF("%s: unknown key (see docs/configuration.md)", where);
-      else
+      for (size_t i = 0; i < NLISTS; i++)
+        if (strcmp(lists[i].json, it->string) == 0)
+          lk = &lists[i];
+      if (k != NULL)
         rc = json_scalar(k, where, it, cfg, err, errlen);
+      else if (lk != NULL)
+        rc = json_list(lk->kind, where, it, list_items(lk, cfg), list_count(lk, cfg), err, errlen);
+      else
+        rc = EINVALF("%s: unknown key (see docs/configuration.md)", where);
     }
     if (rc != MTP_OK)
       goto out;
   }
+  rc = check_policy(cfg, name, err, errlen);
 out:
   cJSON_Delete(root);
   return rc;
-}
-
-int mtp_config_parse_json(const char *text, const char *name, struct mtp_config *cfg, char *err, size_t errlen) {
-  return parse_json(text, name, false, cfg, NULL, err, errlen);
 }
 
 /* Reads the whole file into a NUL-terminated mtp_malloc buffer (*out, transferred). */
@@ -776,7 +1479,7 @@ static int read_file(const char *path, char **out, char *err, size_t errlen) {
 
 /* ---- command line ---- */
 
-enum flag_id { F_CONFIG, F_PORT, F_LISTEN, F_SECRET, F_PROTOCOLS, F_KEY };
+enum flag_id { F_CONFIG, F_PORT, F_LISTEN, F_SECRET, F_PROTOCOLS, F_KEY, F_LIST };
 
 struct flag {
   const char *name;
@@ -794,6 +1497,7 @@ static const struct flag special_flags[] = {
 struct opt {
   enum flag_id id;
   const struct key *key; /* F_KEY only */
+  const struct list_key *list; /* F_LIST only */
   const char *name;      /* borrows: static flag name */
   const char *val;       /* borrows: argv */
 };
@@ -804,6 +1508,7 @@ static bool lookup_flag(const char *name, size_t n, struct opt *o) {
       o->id = special_flags[i].id;
       o->name = special_flags[i].name;
       o->key = NULL;
+      o->list = NULL;
       return true;
     }
   }
@@ -812,6 +1517,16 @@ static bool lookup_flag(const char *name, size_t n, struct opt *o) {
       o->id = F_KEY;
       o->name = keys[i].flag;
       o->key = &keys[i];
+      o->list = NULL;
+      return true;
+    }
+  }
+  for (size_t i = 0; i < NLISTS; i++) {
+    if (strlen(lists[i].flag) == n && strncmp(lists[i].flag, name, n) == 0) {
+      o->id = F_LIST;
+      o->name = lists[i].flag;
+      o->key = NULL;
+      o->list = &lists[i];
       return true;
     }
   }
@@ -878,6 +1593,66 @@ static int set_secrets(struct mtp_listener_conf *l, const uint8_t (*secrets)[16]
   return MTP_OK;
 }
 
+/* Where a setting came from, for a message about it: its flag if the command line gave it,
+ * else "FILE: key" (or just the key without a file). */
+struct origin {
+  const char *file;       /* borrows; NULL = no file */
+  const struct opt *opts; /* borrows; the command line, or NULL */
+  size_t nopts;
+};
+
+static const char *origin_of(const struct origin *o, const char *json, const char *flag, char *buf, size_t buflen) {
+  for (size_t i = 0; flag != NULL && i < o->nopts; i++)
+    if (strcmp(o->opts[i].name, flag) == 0)
+      return flag;
+  if (o->file != NULL)
+    snprintf(buf, buflen, "%.200s: %s", o->file, json);
+  else
+    snprintf(buf, buflen, "%s", json);
+  return buf;
+}
+
+/* The checks that involve several settings, once the file and the flags are applied; then the
+ * derived defaults. cfg->replay_max_age == 0 means it was not given. */
+static int finish(struct mtp_config *cfg, const struct origin *o, char *err, size_t errlen) {
+  char buf[256];
+  for (size_t i = 0; i < cfg->nlisteners; i++) {
+    const struct mtp_listener_conf *l = &cfg->listeners[i];
+    if (l->allowed_protocols == MTP_ALLOW_FAKE_TLS && l->ntls_domains == 0 && cfg->ntls_domains == 0)
+      return EINVALF("listener '%s': allowed_protocols is only fake_tls but no tls domain is set (give tls_domains "
+                     "or --tls-domain)",
+                     l->name);
+  }
+  if (cfg->per_sni_secrets && cfg->per_sni_salt == NULL)
+    return EINVALF("%s: needs a salt (give per_sni_salt or --per-sni-salt SALT)",
+                   origin_of(o, "per_sni_secrets", "--per-sni-secrets", buf, sizeof(buf)));
+  uint32_t min_age = min_replay_age(cfg->tls_clock_skew);
+  if (cfg->replay_max_age == 0)
+    cfg->replay_max_age = min_age;
+  else if (cfg->replay_max_age < min_age)
+    return EINVALF("%s: must be at least 2 * tls_clock_skew (%u)",
+                   origin_of(o, "replay_max_age", NULL, buf, sizeof(buf)), (unsigned)min_age);
+  if (cfg->tunnel_timeout <= cfg->tunnel_heartbeat)
+    return EINVALF("%s: %g must be greater than tunnel_heartbeat (%g)",
+                   origin_of(o, "tunnel_timeout", NULL, buf, sizeof(buf)), cfg->tunnel_timeout,
+                   cfg->tunnel_heartbeat);
+  return MTP_OK;
+}
+
+int mtp_config_parse_json(const char *text, const char *name, struct mtp_config *cfg, char *err, size_t errlen) {
+  /* A replay_max_age equal to the derived one was derived, not given: derive it again, so that
+   * a tls_clock_skew in this text moves it along. */
+  if (cfg->replay_max_age == min_replay_age(cfg->tls_clock_skew))
+    cfg->replay_max_age = 0;
+  int rc = parse_json(text, name, false, cfg, NULL, err, errlen);
+  const struct origin o = {name, NULL, 0};
+  if (rc == MTP_OK)
+    rc = finish(cfg, &o, err, errlen);
+  if (cfg->replay_max_age == 0)
+    cfg->replay_max_age = min_replay_age(cfg->tls_clock_skew);
+  return rc;
+}
+
 int mtp_config_load(int argc, char **argv, struct mtp_config *cfg, bool *show_help, char *err, size_t errlen) {
   struct opt *opts = NULL;
   size_t nopts = 0;
@@ -892,6 +1667,7 @@ int mtp_config_load(int argc, char **argv, struct mtp_config *cfg, bool *show_he
   bool have_port = false, have_protocols = false;
   unsigned protocols_bits = MTP_ALLOW_ALL;
   const char *config_path = NULL;
+  bool list_given[NLISTS] = {false};
   int rc;
 
   if (err != NULL && errlen > 0)
@@ -917,10 +1693,11 @@ int mtp_config_load(int argc, char **argv, struct mtp_config *cfg, bool *show_he
     goto out;
 
   mtp_config_defaults(&tmp);
-  if (tmp.proxy_secret == NULL || tmp.proxy_config == NULL) {
+  if (tmp.proxy_secret == NULL || tmp.proxy_config == NULL || tmp.node_name == NULL) {
     rc = ENOMEMF();
     goto out;
   }
+  tmp.replay_max_age = 0; /* derived by finish() unless the file gives it */
 
   for (size_t i = 0; i < nopts; i++) {
     if (opts[i].id == F_CONFIG)
@@ -942,6 +1719,9 @@ int mtp_config_load(int argc, char **argv, struct mtp_config *cfg, bool *show_he
       rc = EINVALF("--config: missing value");
       goto out;
     }
+    rc = set_owned_string(&tmp.config_path, config_path, err, errlen);
+    if (rc != MTP_OK)
+      goto out;
     rc = read_file(config_path, &text, err, errlen);
     if (rc != MTP_OK)
       goto out;
@@ -958,6 +1738,20 @@ int mtp_config_load(int argc, char **argv, struct mtp_config *cfg, bool *show_he
     case F_KEY:
       rc = set_from_text(o->key, o->name, o->val, &tmp, err, errlen);
       break;
+    case F_LIST: {
+      /* The first one replaces the file's list; each one adds an entry. */
+      size_t li = (size_t)(o->list - lists);
+      char ***items = list_items(o->list, &tmp);
+      size_t *count = list_count(o->list, &tmp);
+      if (!list_given[li]) {
+        strings_free(*items, *count);
+        *items = NULL;
+        *count = 0;
+        list_given[li] = true;
+      }
+      rc = list_add(o->list->kind, o->name, o->val, items, count, err, errlen);
+      break;
+    }
     case F_PORT: {
       uint16_t port;
       if (parse_port(o->val, &port) != MTP_OK) {
@@ -1056,6 +1850,10 @@ int mtp_config_load(int argc, char **argv, struct mtp_config *cfg, bool *show_he
   }
   if (tmp.workers < 1)
     tmp.workers = ncpus();
+  const struct origin origin = {config_path, opts, nopts};
+  rc = finish(&tmp, &origin, err, errlen);
+  if (rc != MTP_OK)
+    goto out;
 
   *cfg = tmp;
   memset(&tmp, 0, sizeof(tmp));

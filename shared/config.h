@@ -3,7 +3,7 @@
  *
  * Load order: built-in defaults, then the JSON file if --config is given, then the flags
  * (a flag overrides the file's value; --listen/--secret given on the command line replace
- * the file's listeners/secrets). Every value is validated; an error is one line that names
+ * the file's listeners/secrets, --tls-domain/--tunnel-allow the file's lists). Every value is validated; an error is one line that names
  * the bad flag, file or JSON key and the reason. The result is immutable once loaded.
  * Every key is documented with its default in docs/configuration.md.
  */
@@ -145,12 +145,22 @@ struct mtp_config {
  */
 int mtp_config_load(int argc, char **argv, struct mtp_config *cfg, bool *show_help, char *err, size_t errlen);
 
-/* Parses the JSON text as a config file named `name` (used by mtp_config_load and tests). */
+/* Parses the JSON text as a config file named `name` onto cfg (start from mtp_config_defaults),
+ * then runs the checks that involve several keys and derives replay_max_age, as mtp_config_load
+ * does. A replay_max_age already in cfg counts as given unless it equals 2 * tls_clock_skew. */
 int mtp_config_parse_json(const char *text, const char *name, struct mtp_config *cfg, char *err, size_t errlen);
 
 /* Sets all defaults (no listeners). */
 void mtp_config_defaults(struct mtp_config *cfg);
 void mtp_config_free(struct mtp_config *cfg);
+
+/* The fake-TLS domains in effect on listener l: its own tls_domains, else the global ones
+ * (borrowed from cfg or l; *n may be 0). */
+const char *const *mtp_config_tls_domains(const struct mtp_config *cfg, const struct mtp_listener_conf *l,
+                                          size_t *n);
+
+/* True when l serves fake-TLS: it has secrets, allows fake_tls and has a domain in effect. */
+bool mtp_config_serves_fake_tls(const struct mtp_config *cfg, const struct mtp_listener_conf *l);
 
 /* The --help text. */
 extern const char mtp_config_usage[];

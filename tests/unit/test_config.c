@@ -90,8 +90,38 @@ static void test_defaults(void) {
   CHECK(c.cache_dir == NULL && c.public_host == NULL && c.admin == NULL);
   CHECK(!c.has_nat && !c.has_ad_tag);
   CHECK(c.log_level == MTP_LOG_INFO);
+  CHECK(c.log_debug == NULL);
+  /* issue 3 */
+  CHECK(c.tls_domains == NULL && c.ntls_domains == 0);
+  CHECK(c.tls_clock_skew == 600);
+  CHECK(c.tls_record_size == 16384);
+  CHECK(c.tls_flight_size == 0);
+  CHECK(c.tls_probe_interval == 3600);
+  CHECK(c.fronting_mode == MTP_FRONTING_SNI && c.fronting_host == NULL && c.fronting_port == 0);
+  CHECK(c.fronting_connect_timeout == 10);
+  CHECK(c.fronting_idle_timeout == 120);
+  CHECK(c.replay_cache_bytes == 16u * 1048576u);
+  CHECK(c.replay_max_age == 1200);
+  CHECK(!c.per_sni_secrets && c.per_sni_salt == NULL);
+  /* issue 4 */
+  CHECK(c.back == NULL && c.tunnel_listen == NULL);
+  CHECK(c.tunnel_cert == NULL && c.tunnel_key == NULL && c.tunnel_ca == NULL);
+  CHECK(c.tunnel_allowed_fronts == NULL && c.ntunnel_allowed_fronts == 0);
+  CHECK(c.tunnel_conns == 1);
+  CHECK(c.tunnel_heartbeat == 5);
+  CHECK(c.tunnel_timeout == 20);
+  CHECK(c.tunnel_window == 1114112);
+  char host[256] = "";
+  CHECK(c.node_name != NULL);
+  if (gethostname(host, sizeof(host)) == 0 && host[0] != '\0' && strlen(host) <= 64)
+    CHECK_MSG(strcmp(c.node_name, host) == 0, "node_name %s, host %s", c.node_name, host);
+  /* issue 5 */
+  CHECK(c.policy == NULL && c.npolicy == 0 && c.tables == NULL && c.ntables == 0);
+  CHECK(c.tables_file == NULL);
+  CHECK(c.drain_timeout == 30);
+  CHECK(c.config_path == NULL);
   mtp_config_free(&c);
-  CHECK(c.proxy_secret == NULL);
+  CHECK(c.proxy_secret == NULL && c.node_name == NULL);
   mtp_config_free(&c); /* idempotent */
   mtp_config_free(NULL);
 }
@@ -149,7 +179,11 @@ static void test_help(void) {
   static const char *flags[] = {"--config", "--port", "--listen", "--secret", "--tag", "--proxy-secret",
                                 "--proxy-config", "--nat-info", "--workers", "--allowed-protocols",
                                 "--handshake-timeout", "--idle-timeout", "--cache-dir", "--config-refresh",
-                                "--public-host", "--admin", "--log-level", "--help"};
+                                "--public-host", "--admin", "--log-level", "--help", "--log-debug",
+                                "--tls-domain", "--tls-clock-skew", "--domain-fronting", "--replay-cache-mb",
+                                "--per-sni-secrets", "--per-sni-salt", "--back", "--tunnel-listen",
+                                "--tunnel-cert", "--tunnel-key", "--tunnel-ca", "--tunnel-allow", "--node-name",
+                                "--tables-file", "--drain-timeout"};
   for (size_t i = 0; i < sizeof(flags) / sizeof(flags[0]); i++)
     CHECK_MSG(strstr(mtp_config_usage, flags[i]) != NULL, "usage lacks %s", flags[i]);
 }
@@ -239,14 +273,94 @@ static const char *FULL_JSON =
     "  \"public_host\": \"proxy.example.com\",\n"
     "  \"admin\": \"127.0.0.1:9100\",\n"
     "  \"log_level\": \"warn\",\n"
+    "  \"log_debug\": \"tunnel,policy\",\n"
+    "  \"tls_domains\": [\"Example.COM\", \"www.example.org\"],\n"
+    "  \"tls_clock_skew\": 300,\n"
+    "  \"tls_record_size\": 4096,\n"
+    "  \"tls_flight_size\": 3000,\n"
+    "  \"tls_probe_interval\": 600,\n"
+    "  \"domain_fronting\": \"[::1]:8443\",\n"
+    "  \"fronting_connect_timeout\": 3,\n"
+    "  \"fronting_idle_timeout\": 60.5,\n"
+    "  \"replay_cache_mb\": 32,\n"
+    "  \"replay_max_age\": 900,\n"
+    "  \"per_sni_secrets\": true,\n"
+    "  \"per_sni_salt\": \"pepper\",\n"
+    "  \"back\": \"Back.example.com:8444\",\n"
+    "  \"tunnel_listen\": \"0.0.0.0:8444\",\n"
+    "  \"tunnel_cert\": \"/etc/mtproxy/node.crt\",\n"
+    "  \"tunnel_key\": \"/etc/mtproxy/node.key\",\n"
+    "  \"tunnel_ca\": \"/etc/mtproxy/ca.crt\",\n"
+    "  \"tunnel_allowed_fronts\": [\"front-1\", \"front-2\"],\n"
+    "  \"tunnel_conns\": 4,\n"
+    "  \"tunnel_heartbeat\": 2,\n"
+    "  \"tunnel_timeout\": 10,\n"
+    "  \"tunnel_window\": 262144,\n"
+    "  \"node_name\": \"front-1\",\n"
+    "  \"tables_file\": \"/var/lib/mtproxy/tables.json\",\n"
+    "  \"drain_timeout\": 0,\n"
+    "  \"tables\": {\"vip\": [\"1.2.3.4\", \"10.0.0.0/8\"], \"customers\": [\"Example.COM\", \"b.example\"],\n"
+    "             \"blocked\": [], \"nets6\": [\"2001:db8::/32\", \"::1\"], \"ls\": [\"main\"]},\n"
+    "  \"policy\": [\n"
+    "    {\"rule\": \"in_table\", \"key\": \"tls_domain\", \"table\": \"customers\"},\n"
+    "    {\"rule\": \"not_in_table\", \"key\": \"client_ipv4\", \"table\": \"blocked\"},\n"
+    "    {\"rule\": \"max_connections\", \"keys\": [\"listener\", \"ipv4/24\"], \"max\": 100},\n"
+    "    {\"rule\": \"max_connections\", \"max\": 5000},\n"
+    "    {\"table\": \"nets6\", \"key\": \"ipv6/48\", \"rule\": \"in_table\"},\n"
+    "    {\"rule\": \"in_table\", \"key\": \"client_ipv4\", \"table\": \"vip\"},\n"
+    "    {\"rule\": \"not_in_table\", \"key\": \"listener\", \"table\": \"ls\"},\n"
+    "    {\"rule\": \"max_connections\", \"keys\": [\"client_ipv6\", \"ipv6/128\", \"ipv4/0\", \"tls_domain\"],"
+    " \"max\": 1}\n"
+    "  ],\n"
     "  \"listeners\": [\n"
-    "    { \"name\": \"main\", \"listen\": \"0.0.0.0:443\",\n"
+    "    { \"name\": \"main\", \"listen\": \"0.0.0.0:443\", \"tls_domains\": [\"Main.Example.net\"],\n"
     "      \"secrets\": [\"0123456789abcdef0123456789abcdef\", \"ddfedcba9876543210fedcba9876543210\"],\n"
     "      \"ad_tag\": \"00112233445566778899aabbccddeeff\",\n"
     "      \"allowed_protocols\": [\"secure\"] },\n"
     "    { \"listen\": \"[::]:443\", \"secrets\": [\"FEDCBA9876543210FEDCBA9876543210\"] }\n"
     "  ]\n"
     "}\n";
+
+static const struct mtp_table_conf *table_named(const struct mtp_config *c, const char *name) {
+  for (size_t i = 0; i < c->ntables; i++)
+    if (strcmp(c->tables[i].name, name) == 0)
+      return &c->tables[i];
+  return NULL;
+}
+
+static void check_full_policy(const struct mtp_config *c) {
+  CHECK(c->ntables == 5);
+  const struct mtp_table_conf *t = table_named(c, "vip");
+  CHECK(t != NULL && t->nentries == 2 && strcmp(t->entries[0], "1.2.3.4") == 0 &&
+        strcmp(t->entries[1], "10.0.0.0/8") == 0);
+  t = table_named(c, "customers"); /* matched against tls_domain only: lower-cased */
+  CHECK(t != NULL && t->nentries == 2 && strcmp(t->entries[0], "example.com") == 0 &&
+        strcmp(t->entries[1], "b.example") == 0);
+  t = table_named(c, "blocked");
+  CHECK(t != NULL && t->nentries == 0);
+  t = table_named(c, "nets6");
+  CHECK(t != NULL && t->nentries == 2 && strcmp(t->entries[0], "2001:db8::/32") == 0);
+  CHECK(table_named(c, "ls") != NULL);
+
+  CHECK(c->npolicy == 8);
+  const struct mtp_policy_rule_conf *r = c->policy;
+  CHECK(r[0].kind == MTP_PRULE_IN_TABLE && r[0].nkeys == 1 && r[0].keys[0].key == MTP_PKEY_TLS_DOMAIN &&
+        strcmp(r[0].table, "customers") == 0);
+  CHECK(r[1].kind == MTP_PRULE_NOT_IN_TABLE && r[1].nkeys == 1 && r[1].keys[0].key == MTP_PKEY_CLIENT_IPV4 &&
+        strcmp(r[1].table, "blocked") == 0);
+  CHECK(r[2].kind == MTP_PRULE_MAX_CONNECTIONS && r[2].nkeys == 2 && r[2].max == 100 && r[2].table == NULL);
+  CHECK(r[2].keys[0].key == MTP_PKEY_LISTENER && r[2].keys[0].prefix == 0);
+  CHECK(r[2].keys[1].key == MTP_PKEY_IPV4_SUBNET && r[2].keys[1].prefix == 24);
+  CHECK(r[3].kind == MTP_PRULE_MAX_CONNECTIONS && r[3].nkeys == 0 && r[3].max == 5000);
+  CHECK(r[4].kind == MTP_PRULE_IN_TABLE && r[4].keys[0].key == MTP_PKEY_IPV6_SUBNET && r[4].keys[0].prefix == 48 &&
+        strcmp(r[4].table, "nets6") == 0);
+  CHECK(r[5].keys[0].key == MTP_PKEY_CLIENT_IPV4 && strcmp(r[5].table, "vip") == 0);
+  CHECK(r[6].kind == MTP_PRULE_NOT_IN_TABLE && r[6].keys[0].key == MTP_PKEY_LISTENER);
+  CHECK(r[7].nkeys == 4 && r[7].max == 1);
+  CHECK(r[7].keys[0].key == MTP_PKEY_CLIENT_IPV6 && r[7].keys[1].key == MTP_PKEY_IPV6_SUBNET &&
+        r[7].keys[1].prefix == 128 && r[7].keys[2].key == MTP_PKEY_IPV4_SUBNET && r[7].keys[2].prefix == 0 &&
+        r[7].keys[3].key == MTP_PKEY_TLS_DOMAIN);
+}
 
 static void check_full(const struct mtp_config *c) {
   CHECK(c->workers == 2);
@@ -264,6 +378,27 @@ static void check_full(const struct mtp_config *c) {
   CHECK(strcmp(c->public_host, "proxy.example.com") == 0);
   CHECK(strcmp(c->admin, "127.0.0.1:9100") == 0);
   CHECK(c->log_level == MTP_LOG_WARN);
+  CHECK(strcmp(c->log_debug, "tunnel,policy") == 0);
+  CHECK(c->ntls_domains == 2 && strcmp(c->tls_domains[0], "example.com") == 0 &&
+        strcmp(c->tls_domains[1], "www.example.org") == 0);
+  CHECK(c->tls_clock_skew == 300 && c->tls_record_size == 4096 && c->tls_flight_size == 3000);
+  CHECK(c->tls_probe_interval == 600);
+  CHECK(c->fronting_mode == MTP_FRONTING_HOST && strcmp(c->fronting_host, "::1") == 0 && c->fronting_port == 8443);
+  CHECK(c->fronting_connect_timeout == 3 && c->fronting_idle_timeout == 60.5);
+  CHECK(c->replay_cache_bytes == 32u * 1048576u);
+  CHECK(c->replay_max_age == 900);
+  CHECK(c->per_sni_secrets && strcmp(c->per_sni_salt, "pepper") == 0);
+  CHECK(strcmp(c->back, "Back.example.com:8444") == 0);
+  CHECK(strcmp(c->tunnel_listen, "0.0.0.0:8444") == 0);
+  CHECK(strcmp(c->tunnel_cert, "/etc/mtproxy/node.crt") == 0 && strcmp(c->tunnel_key, "/etc/mtproxy/node.key") == 0 &&
+        strcmp(c->tunnel_ca, "/etc/mtproxy/ca.crt") == 0);
+  CHECK(c->ntunnel_allowed_fronts == 2 && strcmp(c->tunnel_allowed_fronts[0], "front-1") == 0 &&
+        strcmp(c->tunnel_allowed_fronts[1], "front-2") == 0);
+  CHECK(c->tunnel_conns == 4 && c->tunnel_heartbeat == 2 && c->tunnel_timeout == 10 && c->tunnel_window == 262144);
+  CHECK(strcmp(c->node_name, "front-1") == 0);
+  CHECK(strcmp(c->tables_file, "/var/lib/mtproxy/tables.json") == 0);
+  CHECK(c->drain_timeout == 0);
+  check_full_policy(c);
   CHECK(c->nlisteners == 2);
   const struct mtp_listener_conf *l = &c->listeners[0];
   CHECK(strcmp(l->name, "main") == 0);
@@ -271,7 +406,16 @@ static void check_full(const struct mtp_config *c) {
   CHECK(l->nsecrets == 2 && secret_is(l->secrets[0], SECRET_A) && secret_is(l->secrets[1], SECRET_B));
   CHECK(l->has_ad_tag && secret_is(l->ad_tag, "00112233445566778899aabbccddeeff"));
   CHECK(l->allowed_protocols == MTP_ALLOW_SECURE);
+  CHECK(l->ntls_domains == 1 && strcmp(l->tls_domains[0], "main.example.net") == 0);
+  size_t nd = 0;
+  const char *const *d = mtp_config_tls_domains(c, l, &nd);
+  CHECK(nd == 1 && strcmp(d[0], "main.example.net") == 0);
+  CHECK(!mtp_config_serves_fake_tls(c, l)); /* secure only */
   l = &c->listeners[1];
+  CHECK(l->ntls_domains == 0);
+  d = mtp_config_tls_domains(c, l, &nd);
+  CHECK(nd == 2 && d == (const char *const *)c->tls_domains);
+  CHECK(mtp_config_serves_fake_tls(c, l));
   CHECK(strcmp(l->name, "l1") == 0);
   addr_is(&l->addr, "[::]:443");
   CHECK(l->nsecrets == 1 && secret_is(l->secrets[0], SECRET_B));
@@ -301,8 +445,28 @@ static void test_json_keys(void) {
   mtp_config_free(&c);
 
   const char *argv2[] = {"--workers", "5", "--config", path, "--log-level", "error", "--idle-timeout", "7",
-                         "--tag", SECRET_A, "--cache-dir=/c", "--allowed-protocols", "abridged", NULL};
+                         "--tag", SECRET_A, "--cache-dir=/c", "--allowed-protocols", "abridged",
+                         "--tls-domain", "A.example", "--domain-fronting", "off", "--replay-cache-mb", "1",
+                         "--node-name", "n2", "--tunnel-allow", "back-x", "--per-sni-secrets", "off",
+                         "--tls-clock-skew", "450", "--back", "10.1.2.3:1", "--log-debug", "config",
+                         "--tables-file", "/t.json", "--drain-timeout", "9", "--tunnel-listen", "[::]:1",
+                         "--per-sni-salt", "salt2", "--tunnel-cert", "c2", "--tunnel-key", "k2", "--tunnel-ca", "a2",
+                         NULL};
   CHECK_MSG(load(argv2, &c, err, sizeof(err)) == MTP_OK, "%s", err);
+  /* The flags replace the file's lists and values. */
+  CHECK(c.ntls_domains == 1 && strcmp(c.tls_domains[0], "a.example") == 0);
+  CHECK(c.fronting_mode == MTP_FRONTING_OFF && c.fronting_host == NULL);
+  CHECK(c.replay_cache_bytes == 1048576);
+  CHECK(strcmp(c.node_name, "n2") == 0);
+  CHECK(c.ntunnel_allowed_fronts == 1 && strcmp(c.tunnel_allowed_fronts[0], "back-x") == 0);
+  CHECK(!c.per_sni_secrets && strcmp(c.per_sni_salt, "salt2") == 0);
+  CHECK(c.tls_clock_skew == 450 && c.replay_max_age == 900); /* the file's 900 >= 2 * 450 */
+  CHECK(strcmp(c.back, "10.1.2.3:1") == 0 && strcmp(c.tunnel_listen, "[::]:1") == 0);
+  CHECK(strcmp(c.log_debug, "config") == 0 && strcmp(c.tables_file, "/t.json") == 0 && c.drain_timeout == 9);
+  CHECK(strcmp(c.tunnel_cert, "c2") == 0 && strcmp(c.tunnel_key, "k2") == 0 && strcmp(c.tunnel_ca, "a2") == 0);
+  CHECK(c.npolicy == 8 && c.ntables == 5); /* file-only: kept */
+  CHECK(c.listeners[0].ntls_domains == 1); /* a listener's own domains are not replaced */
+  CHECK(strcmp(c.config_path, path) == 0);
   CHECK(c.workers == 5 && c.log_level == MTP_LOG_ERROR && c.idle_timeout == 7);
   CHECK(secret_is(c.ad_tag, SECRET_A) && strcmp(c.cache_dir, "/c") == 0);
   CHECK(c.handshake_timeout == 5); /* not overridden */
@@ -345,8 +509,10 @@ static void test_json_keys(void) {
   free(path2);
 }
 
+#define P1 "--port", "1", "--secret", SECRET_A
+
 struct bad {
-  const char *argv[8];
+  const char *argv[10];
   const char *want; /* substring of the error */
 };
 
@@ -393,6 +559,49 @@ static void test_flag_errors(void) {
       {{"--port", "1", "--secret", SECRET_A, "--proxy-config", "", NULL}, "--proxy-config: must not be empty"},
       {{"--config", "/nonexistent/mtproxy.json", NULL}, "/nonexistent/mtproxy.json: cannot open"},
       {{"--config=", NULL}, "--config: missing value"},
+      /* issues 3-5 */
+      {{P1, "--tls-domain", "bad_domain", NULL}, "--tls-domain: 'bad_domain' is not a host name"},
+      {{P1, "--tls-domain", "a..example", NULL}, "--tls-domain: 'a..example' is not a host name"},
+      {{P1, "--tls-domain", ".example", NULL}, "--tls-domain: '.example'"},
+      {{P1, "--tls-domain", "example.", NULL}, "--tls-domain: 'example.'"},
+      {{P1, "--tls-domain=", NULL}, "--tls-domain: '' is not a host name"},
+      {{P1, "--tls-domain", "a.example", "--tls-domain", "A.Example", NULL}, "--tls-domain: 'A.Example' is given twice"},
+      {{P1, "--tls-clock-skew", "0", NULL}, "--tls-clock-skew: '0' must be seconds, 1..86400"},
+      {{P1, "--tls-clock-skew", "86401", NULL}, "--tls-clock-skew: '86401' must be"},
+      {{P1, "--domain-fronting", "on", NULL}, "--domain-fronting: 'on' is not off, sni or HOST:PORT"},
+      {{P1, "--domain-fronting", "host", NULL}, "--domain-fronting: 'host' is not off, sni or HOST:PORT"},
+      {{P1, "--domain-fronting", "host:0", NULL}, "--domain-fronting: 'host:0'"},
+      {{P1, "--domain-fronting", "host:65536", NULL}, "--domain-fronting: 'host:65536'"},
+      {{P1, "--domain-fronting", "::1:8443", NULL}, "--domain-fronting: '::1:8443'"},
+      {{P1, "--domain-fronting", "[::1]", NULL}, "--domain-fronting: '[::1]'"},
+      {{P1, "--domain-fronting", "[nope]:443", NULL}, "--domain-fronting: '[nope]:443'"},
+      {{P1, "--domain-fronting", "1.2.3:443", NULL}, "--domain-fronting: '1.2.3:443'"},
+      {{P1, "--domain-fronting", "bad_host:443", NULL}, "--domain-fronting: 'bad_host:443'"},
+      {{P1, "--domain-fronting", "SNI", NULL}, "--domain-fronting: 'SNI'"},
+      {{P1, "--replay-cache-mb", "0", NULL}, "--replay-cache-mb: '0' must be a whole number of MiB 1..4096"},
+      {{P1, "--replay-cache-mb", "4097", NULL}, "--replay-cache-mb: '4097' must be"},
+      {{P1, "--replay-cache-mb", "1.5", NULL}, "--replay-cache-mb: '1.5' must be"},
+      {{P1, "--per-sni-secrets", "maybe", NULL}, "--per-sni-secrets: 'maybe' is not on or off"},
+      {{P1, "--per-sni-secrets", "on", NULL}, "--per-sni-secrets: needs a salt (give per_sni_salt or --per-sni-salt"},
+      {{P1, "--per-sni-salt", "", NULL}, "--per-sni-salt: must not be empty"},
+      {{P1, "--back", "back.example", NULL}, "--back: 'back.example' is not HOST:PORT"},
+      {{P1, "--back", "[::1]:0", NULL}, "--back: '[::1]:0' is not HOST:PORT"},
+      {{P1, "--tunnel-listen", "host:1", NULL}, "--tunnel-listen: 'host:1' is not ADDR:PORT"},
+      {{P1, "--tunnel-cert", "", NULL}, "--tunnel-cert: must not be empty"},
+      {{P1, "--tunnel-key", "", NULL}, "--tunnel-key: must not be empty"},
+      {{P1, "--tunnel-ca", "", NULL}, "--tunnel-ca: must not be empty"},
+      {{P1, "--tunnel-allow", "bad name", NULL}, "--tunnel-allow: 'bad name' must be 1..64 characters"},
+      {{P1, "--tunnel-allow", "f1", "--tunnel-allow", "f1", NULL}, "--tunnel-allow: 'f1' is given twice"},
+      {{P1, "--node-name", "", NULL}, "--node-name: '' must be 1..64 characters"},
+      {{P1, "--node-name", "a/b", NULL}, "--node-name: 'a/b' must be"},
+      {{P1, "--tables-file", "", NULL}, "--tables-file: must not be empty"},
+      {{P1, "--drain-timeout", "-1", NULL}, "--drain-timeout: '-1' must be seconds, 0..3600"},
+      {{P1, "--drain-timeout", "3601", NULL}, "--drain-timeout: '3601'"},
+      {{P1, "--log-debug", "", NULL}, "--log-debug: must not be empty"},
+      {{P1, "--allowed-protocols", "fake_tls", NULL},
+       "listener 'v4': allowed_protocols is only fake_tls but no tls domain is set"},
+      {{"--listen", "127.0.0.1:0", "--secret", SECRET_A, "--allowed-protocols", "fake_tls", NULL},
+       "listener 'l0': allowed_protocols is only fake_tls"},
   };
   for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
     char err[256] = "";
@@ -411,6 +620,7 @@ struct bad_json {
   const char *want;
 };
 
+#define LONG_LABEL "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa" /* 64 */
 #define L0 "{\"listen\": \"0.0.0.0:443\", \"secrets\": [\"0123456789abcdef0123456789abcdef\"]"
 
 static void test_json_errors(void) {
@@ -474,6 +684,135 @@ static void test_json_errors(void) {
        "t.json: listeners[0].allowed_protocols[1]: 'obfs2' is not one of"},
       {"{\"listeners\": [" L0 ", \"allowed_protocols\": \"secure\"}]}",
        "t.json: listeners[0].allowed_protocols: must be an array"},
+      /* issue 3 */
+      {"{\"tls_domains\": \"a.example\"}", "t.json: tls_domains: must be an array of strings, not a string"},
+      {"{\"tls_domains\": [\"a.example\", 1]}", "t.json: tls_domains[1]: must be a string, not a number"},
+      {"{\"tls_domains\": [\"a_b.example\"]}", "t.json: tls_domains[0]: 'a_b.example' is not a host name"},
+      {"{\"tls_domains\": [\"a.example\", \"A.EXAMPLE\"]}", "t.json: tls_domains[1]: 'A.EXAMPLE' is given twice"},
+      {"{\"tls_domains\": [\"" LONG_LABEL ".example\"]}", "t.json: tls_domains[0]: 'aaaa"},
+      {"{\"tls_record_size\": 255}", "t.json: tls_record_size: '255' must be bytes, 256..16384"},
+      {"{\"tls_record_size\": 16385}", "t.json: tls_record_size: '16385'"},
+      {"{\"tls_flight_size\": 63}", "t.json: tls_flight_size: '63' must be 0 (learn from the fronted host) or bytes"},
+      {"{\"tls_flight_size\": 16385}", "t.json: tls_flight_size: '16385'"},
+      {"{\"tls_flight_size\": 100.5}", "t.json: tls_flight_size: '100.5'"},
+      {"{\"tls_probe_interval\": 59}", "t.json: tls_probe_interval: '59' must be seconds, 60..604800"},
+      {"{\"tls_clock_skew\": 0.5}", "t.json: tls_clock_skew: '0.5' must be seconds, 1..86400"},
+      {"{\"domain_fronting\": 1}", "t.json: domain_fronting: must be a string"},
+      {"{\"domain_fronting\": null}", "t.json: domain_fronting: must be a string"},
+      {"{\"domain_fronting\": \"example.com\"}", "t.json: domain_fronting: 'example.com' is not off, sni or HOST:PORT"},
+      {"{\"fronting_connect_timeout\": 0}", "t.json: fronting_connect_timeout: '0' must be"},
+      {"{\"fronting_idle_timeout\": 0}", "t.json: fronting_idle_timeout: '0' must be"},
+      {"{\"replay_cache_mb\": 0}", "t.json: replay_cache_mb: '0' must be a whole number of MiB 1..4096"},
+      {"{\"replay_max_age\": -1}", "t.json: replay_max_age: '-1' must be"},
+      {"{\"replay_max_age\": 1199}", "t.json: replay_max_age: must be at least 2 * tls_clock_skew (1200)"},
+      {"{\"replay_max_age\": 500, \"tls_clock_skew\": 300}", "t.json: replay_max_age: must be at least 2 * tls_clock_skew (600)"},
+      {"{\"per_sni_secrets\": \"on\"}", "t.json: per_sni_secrets: must be true or false, not a string"},
+      {"{\"per_sni_secrets\": true}", "t.json: per_sni_secrets: needs a salt (give per_sni_salt or --per-sni-salt"},
+      {"{\"per_sni_secrets\": true, \"per_sni_salt\": null}", "t.json: per_sni_secrets: needs a salt"},
+      {"{\"per_sni_salt\": 1}", "t.json: per_sni_salt: must be a string"},
+      {"{\"per_sni_salt\": \"\"}", "t.json: per_sni_salt: must not be empty"},
+      {"{\"listeners\": [" L0 ", \"tls_domains\": [\"bad_d\"]}]}", "t.json: listeners[0].tls_domains[0]: 'bad_d' is not a host name"},
+      {"{\"listeners\": [" L0 ", \"tls_domains\": \"x.example\"}]}", "t.json: listeners[0].tls_domains: must be an array"},
+      {"{\"listeners\": [" L0 ", \"allowed_protocols\": [\"fake_tls\"]}]}",
+       "listener 'l0': allowed_protocols is only fake_tls but no tls domain is set (give tls_domains or --tls-domain)"},
+      {"{\"listeners\": [" L0 "}, " L0 ", \"name\": \"tlsonly\", \"allowed_protocols\": [\"fake_tls\"]}]}",
+       "listener 'tlsonly': allowed_protocols is only fake_tls"},
+      /* issue 4 */
+      {"{\"back\": \"a:1:2\"}", "t.json: back: 'a:1:2' is not HOST:PORT"},
+      {"{\"back\": 8444}", "t.json: back: must be a string (HOST:PORT) or null"},
+      {"{\"tunnel_listen\": \"back.example:8444\"}", "t.json: tunnel_listen: 'back.example:8444' is not ADDR:PORT"},
+      {"{\"tunnel_cert\": \"\"}", "t.json: tunnel_cert: must not be empty"},
+      {"{\"tunnel_key\": []}", "t.json: tunnel_key: must be a string"},
+      {"{\"tunnel_ca\": 0}", "t.json: tunnel_ca: must be a string"},
+      {"{\"tunnel_allowed_fronts\": [\"a b\"]}", "t.json: tunnel_allowed_fronts[0]: 'a b' must be 1..64 characters"},
+      {"{\"tunnel_allowed_fronts\": {}}", "t.json: tunnel_allowed_fronts: must be an array of strings"},
+      {"{\"tunnel_conns\": 0}", "t.json: tunnel_conns: '0' must be a whole number 1..64"},
+      {"{\"tunnel_conns\": 65}", "t.json: tunnel_conns: '65'"},
+      {"{\"tunnel_heartbeat\": 0}", "t.json: tunnel_heartbeat: '0' must be seconds, > 0"},
+      {"{\"tunnel_timeout\": 0}", "t.json: tunnel_timeout: '0' must be seconds, > 0"},
+      {"{\"tunnel_timeout\": 5}", "t.json: tunnel_timeout: 5 must be greater than tunnel_heartbeat (5)"},
+      {"{\"tunnel_heartbeat\": 30}", "t.json: tunnel_timeout: 20 must be greater than tunnel_heartbeat (30)"},
+      {"{\"tunnel_window\": 65535}", "t.json: tunnel_window: '65535' must be bytes, 65536..67108864"},
+      {"{\"tunnel_window\": 67108865}", "t.json: tunnel_window: '67108865'"},
+      {"{\"node_name\": \"a b\"}", "t.json: node_name: 'a b' must be 1..64 characters"},
+      {"{\"node_name\": null}", "t.json: node_name: must be a string"},
+      /* issue 5 */
+      {"{\"drain_timeout\": 3601}", "t.json: drain_timeout: '3601' must be seconds, 0..3600"},
+      {"{\"tables_file\": \"\"}", "t.json: tables_file: must not be empty"},
+      {"{\"log_debug\": 1}", "t.json: log_debug: must be a string"},
+      {"{\"policy\": {}}", "t.json: policy: must be an array of objects, not an object"},
+      {"{\"policy\": [1]}", "t.json: policy[0]: must be an object, not a number"},
+      {"{\"policy\": [{}]}", "t.json: policy[0]: missing \"rule\" (one of in_table, not_in_table, max_connections)"},
+      {"{\"policy\": [{\"rule\": 1}]}", "t.json: policy[0].rule: must be a string"},
+      {"{\"policy\": [{\"rule\": \"max_connections\", \"max\": 1}, {\"rule\": \"allow\"}]}",
+       "t.json: policy[1].rule: 'allow' is not one of in_table, not_in_table, max_connections"},
+      {"{\"tables\": {\"t\": []}, \"policy\": [{\"rule\": \"in_table\", \"table\": \"t\"}]}",
+       "t.json: policy[0]: missing \"key\" (one of listener, client_ipv4"},
+      {"{\"policy\": [{\"rule\": \"not_in_table\", \"key\": \"client_ipv4\"}]}", "t.json: policy[0]: missing \"table\""},
+      {"{\"policy\": [{\"rule\": \"in_table\", \"key\": \"ipv4/33\", \"table\": \"t\"}]}",
+       "t.json: policy[0].key: 'ipv4/33' is not one of"},
+      {"{\"policy\": [{\"rule\": \"in_table\", \"key\": \"ipv6/129\", \"table\": \"t\"}]}", "t.json: policy[0].key: 'ipv6/129'"},
+      {"{\"policy\": [{\"rule\": \"in_table\", \"key\": \"ipv4/\", \"table\": \"t\"}]}", "t.json: policy[0].key: 'ipv4/'"},
+      {"{\"policy\": [{\"rule\": \"in_table\", \"key\": \"ipv4/-1\", \"table\": \"t\"}]}", "t.json: policy[0].key: 'ipv4/-1'"},
+      {"{\"policy\": [{\"rule\": \"in_table\", \"key\": \"ipv4/0024\", \"table\": \"t\"}]}", "t.json: policy[0].key: 'ipv4/0024'"},
+      {"{\"policy\": [{\"rule\": \"in_table\", \"key\": \"client_ip\", \"table\": \"t\"}]}", "t.json: policy[0].key: 'client_ip'"},
+      {"{\"policy\": [{\"rule\": \"in_table\", \"key\": [\"listener\"], \"table\": \"t\"}]}", "t.json: policy[0].key: must be a string"},
+      {"{\"policy\": [{\"rule\": \"in_table\", \"key\": \"listener\", \"table\": \"bad name\"}]}", "t.json: policy[0].table: 'bad name' must be"},
+      {"{\"policy\": [{\"rule\": \"in_table\", \"key\": \"listener\", \"table\": \"nope\"}]}",
+       "t.json: policy[0].table: no table 'nope' in \"tables\""},
+      {"{\"tables\": {\"a\": []}, \"policy\": [{\"rule\": \"in_table\", \"key\": \"listener\", \"table\": \"a\"},"
+       " {\"rule\": \"in_table\", \"key\": \"listener\", \"table\": \"b\"}]}",
+       "t.json: policy[1].table: no table 'b'"},
+      {"{\"policy\": [{\"rule\": \"max_connections\"}]}", "t.json: policy[0]: missing \"max\" (a whole number >= 1)"},
+      {"{\"policy\": [{\"rule\": \"max_connections\", \"max\": 0}]}", "t.json: policy[0].max: '0' must be a whole number >= 1"},
+      {"{\"policy\": [{\"rule\": \"max_connections\", \"max\": 1.5}]}", "t.json: policy[0].max: '1.5'"},
+      {"{\"policy\": [{\"rule\": \"max_connections\", \"max\": \"3\"}]}", "t.json: policy[0].max: must be a number"},
+      {"{\"policy\": [{\"rule\": \"max_connections\", \"max\": 3, \"keys\": \"listener\"}]}",
+       "t.json: policy[0].keys: must be an array of strings"},
+      {"{\"policy\": [{\"rule\": \"max_connections\", \"max\": 3, \"keys\": [\"listener\", \"listener\"]}]}",
+       "t.json: policy[0].keys[1]: 'listener' is given twice"},
+      {"{\"policy\": [{\"rule\": \"max_connections\", \"max\": 3, \"keys\": [\"listener\", \"bogus\"]}]}",
+       "t.json: policy[0].keys[1]: 'bogus' is not one of listener, client_ipv4, client_ipv6, ipv4/M"},
+      {"{\"policy\": [{\"rule\": \"max_connections\", \"max\": 3, \"keys\": [\"ipv4/1\", \"ipv4/2\", \"ipv4/3\","
+       " \"ipv4/4\", \"ipv4/5\", \"ipv4/6\", \"ipv4/7\"]}]}",
+       "t.json: policy[0].keys: at most 6 keys"},
+      {"{\"policy\": [{\"rule\": \"max_connections\", \"max\": 3, \"keys\": [7]}]}", "t.json: policy[0].keys[0]: must be a string"},
+      {"{\"policy\": [{\"rule\": \"in_table\", \"key\": \"listener\", \"table\": \"t\", \"max\": 3}]}",
+       "t.json: policy[0].max: unknown key (rule in_table takes rule, key, table)"},
+      {"{\"policy\": [{\"rule\": \"max_connections\", \"max\": 3, \"table\": \"t\"}]}",
+       "t.json: policy[0].table: unknown key (rule max_connections takes rule, keys, max)"},
+      {"{\"policy\": [{\"rule\": \"max_connections\", \"max\": 3, \"key\": \"listener\"}]}", "t.json: policy[0].key: unknown key"},
+      {"{\"policy\": [{\"rule\": \"max_connections\", \"max\": 3, \"max\": 4}]}", "t.json: policy[0].max: duplicate key"},
+      {"{\"tables\": []}", "t.json: tables: must be an object of arrays of strings, not an array"},
+      {"{\"tables\": {\"bad name\": []}}", "t.json: tables.bad name: a table name must be 1..64 characters"},
+      {"{\"tables\": {\"t\": \"x\"}}", "t.json: tables.t: must be an array of strings, not a string"},
+      {"{\"tables\": {\"t\": null}}", "t.json: tables.t: must be an array of strings, not null"},
+      {"{\"tables\": {\"t\": [1]}}", "t.json: tables.t[0]: must be a string, not a number"},
+      {"{\"tables\": {\"t\": [\"\"]}}", "t.json: tables.t[0]: '' must be 1..255 printable characters"},
+      {"{\"tables\": {\"t\": [\"a b\"]}}", "t.json: tables.t[0]: 'a b' must be 1..255 printable"},
+      {"{\"tables\": {\"t\": [\"a\", \"a\"]}}", "t.json: tables.t[1]: 'a' is given twice"},
+      {"{\"tables\": {\"t\": [\"a.example\", \"A.example\"]}, \"policy\": [{\"rule\": \"in_table\", \"key\": "
+       "\"tls_domain\", \"table\": \"t\"}]}",
+       "t.json: tables.t[1]: 'a.example' is given twice"},
+      {"{\"tables\": {\"t\": [], \"t\": []}}", "t.json: tables.t: duplicate key"},
+      {"{\"tables\": {\"t\": [\"1.2.3.4\", \"example.com\"]}, \"policy\": [{\"rule\": \"in_table\", \"key\": "
+       "\"client_ipv4\", \"table\": \"t\"}]}",
+       "t.json: tables.t[1]: 'example.com' is not an IPv4 address or network (policy[0] matches key client_ipv4 against it)"},
+      {"{\"tables\": {\"t\": [\"10.0.0.0/33\"]}, \"policy\": [{\"rule\": \"in_table\", \"key\": \"ipv4/8\", \"table\": \"t\"}]}",
+       "t.json: tables.t[0]: '10.0.0.0/33' is not an IPv4 address or network (policy[0] matches key ipv4/8"},
+      {"{\"tables\": {\"t\": [\"::1\"]}, \"policy\": [{\"rule\": \"in_table\", \"key\": \"client_ipv4\", \"table\": \"t\"}]}",
+       "t.json: tables.t[0]: '::1' is not an IPv4"},
+      {"{\"tables\": {\"t\": [\"2001:db8::/129\"]}, \"policy\": [{\"rule\": \"in_table\", \"key\": \"client_ipv6\", \"table\": \"t\"}]}",
+       "t.json: tables.t[0]: '2001:db8::/129' is not an IPv6 address or network"},
+      {"{\"tables\": {\"t\": [\"bad_domain\"]}, \"policy\": [{\"rule\": \"not_in_table\", \"key\": \"tls_domain\", \"table\": \"t\"}]}",
+       "t.json: tables.t[0]: 'bad_domain' is not a host name (policy[0] matches key tls_domain"},
+      {"{\"tables\": {\"t\": [\"a:b\"]}, \"policy\": [{\"rule\": \"not_in_table\", \"key\": \"listener\", \"table\": \"t\"},"
+       " {\"rule\": \"in_table\", \"key\": \"ipv6/64\", \"table\": \"t\"}]}",
+       "t.json: tables.t[0]: 'a:b' is not a listener name or an IPv6 address or network (policy[0] matches key listener"},
+      {"{\"tables\": {\"t\": [\"1.2.3.4\", \"::1\", \"x\"]}, \"policy\": [{\"rule\": \"max_connections\", \"max\": 1},"
+       " {\"rule\": \"in_table\", \"key\": \"client_ipv4\", \"table\": \"t\"},"
+       " {\"rule\": \"in_table\", \"key\": \"client_ipv6\", \"table\": \"t\"}]}",
+       "t.json: tables.t[2]: 'x' is not an IPv4 address or network or an IPv6 address or network (policy[1]"},
   };
   for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
     char err[256] = "";
@@ -497,6 +836,233 @@ static void test_json_errors(void) {
   free(path);
 }
 
+/* The new flags of issues 3-5 land in the struct; repeatable ones add. */
+static void test_new_flags(void) {
+  char err[256] = "";
+  struct mtp_config c;
+  const char *argv[] = {P1, "--tls-domain", "Www.Example.COM", "--tls-domain=cdn.example.net", "--tls-clock-skew", "30",
+                        "--domain-fronting", "Front.example:8443", "--replay-cache-mb", "4096",
+                        "--per-sni-secrets", "on", "--per-sni-salt", "s@lt with spaces", "--back", "[2001:db8::7]:8444",
+                        "--tunnel-listen", "127.0.0.1:8444", "--tunnel-cert", "/c.pem", "--tunnel-key", "/k.pem",
+                        "--tunnel-ca", "/ca.pem", "--tunnel-allow", "front-1", "--tunnel-allow", "front.2",
+                        "--node-name", "back_1", "--tables-file", "/var/lib/t.json", "--drain-timeout", "0",
+                        "--log-debug", "front,tunnel", NULL};
+  CHECK_MSG(load(argv, &c, err, sizeof(err)) == MTP_OK, "%s", err);
+  CHECK(c.ntls_domains == 2 && strcmp(c.tls_domains[0], "www.example.com") == 0 &&
+        strcmp(c.tls_domains[1], "cdn.example.net") == 0);
+  CHECK(c.tls_clock_skew == 30 && c.replay_max_age == 60); /* derived: 2 * skew */
+  CHECK(c.fronting_mode == MTP_FRONTING_HOST && strcmp(c.fronting_host, "front.example") == 0 &&
+        c.fronting_port == 8443);
+  CHECK(c.replay_cache_bytes == (size_t)4096 << 20);
+  CHECK(c.per_sni_secrets && strcmp(c.per_sni_salt, "s@lt with spaces") == 0);
+  CHECK(strcmp(c.back, "[2001:db8::7]:8444") == 0 && strcmp(c.tunnel_listen, "127.0.0.1:8444") == 0);
+  CHECK(strcmp(c.tunnel_cert, "/c.pem") == 0 && strcmp(c.tunnel_key, "/k.pem") == 0 && strcmp(c.tunnel_ca, "/ca.pem") == 0);
+  CHECK(c.ntunnel_allowed_fronts == 2 && strcmp(c.tunnel_allowed_fronts[0], "front-1") == 0 &&
+        strcmp(c.tunnel_allowed_fronts[1], "front.2") == 0);
+  CHECK(strcmp(c.node_name, "back_1") == 0);
+  CHECK(strcmp(c.tables_file, "/var/lib/t.json") == 0 && c.drain_timeout == 0);
+  CHECK(strcmp(c.log_debug, "front,tunnel") == 0);
+  CHECK(c.config_path == NULL);
+  /* Command-line listeners use the global domains. */
+  for (size_t i = 0; i < c.nlisteners; i++)
+    CHECK(c.listeners[i].ntls_domains == 0 && mtp_config_serves_fake_tls(&c, &c.listeners[i]));
+  mtp_config_free(&c);
+
+  /* Spellings of on/off; a fake_tls-only listener is fine once a domain exists. */
+  static const char *const on[] = {"on", "true", "yes", "1"}, *const off[] = {"off", "false", "no", "0"};
+  for (size_t i = 0; i < 4; i++) {
+    const char *a1[] = {P1, "--per-sni-secrets", on[i], "--per-sni-salt", "x", NULL};
+    CHECK_MSG(load(a1, &c, err, sizeof(err)) == MTP_OK && c.per_sni_secrets, "%s", on[i]);
+    mtp_config_free(&c);
+    const char *a2[] = {P1, "--per-sni-secrets", off[i], NULL};
+    CHECK_MSG(load(a2, &c, err, sizeof(err)) == MTP_OK && !c.per_sni_secrets, "%s", off[i]);
+    mtp_config_free(&c);
+  }
+  const char *a3[] = {P1, "--allowed-protocols", "fake_tls", "--tls-domain", "a.example", NULL};
+  CHECK_MSG(load(a3, &c, err, sizeof(err)) == MTP_OK, "%s", err);
+  CHECK(c.listeners[0].allowed_protocols == MTP_ALLOW_FAKE_TLS && mtp_config_serves_fake_tls(&c, &c.listeners[0]));
+  mtp_config_free(&c);
+  /* Without a domain fake-TLS is simply off (unless it is the only protocol). */
+  const char *a4[] = {P1, NULL};
+  CHECK_MSG(load(a4, &c, err, sizeof(err)) == MTP_OK, "%s", err);
+  CHECK(!mtp_config_serves_fake_tls(&c, &c.listeners[0]));
+  CHECK(c.replay_max_age == 1200);
+  mtp_config_free(&c);
+  /* A 253-character domain with 63-character labels is the longest allowed. */
+  char longest[254], *p = longest;
+  for (int i = 0; i < 4; i++) {
+    int len = i < 3 ? 63 : 61;
+    memset(p, 'a', (size_t)len);
+    p += len;
+    *p++ = i < 3 ? '.' : '\0';
+  }
+  CHECK(strlen(longest) == 253);
+  const char *a5[] = {P1, "--tls-domain", longest, NULL};
+  CHECK_MSG(load(a5, &c, err, sizeof(err)) == MTP_OK, "%s", err);
+  mtp_config_free(&c);
+  char too_long[256]; /* 254 characters, every label within 63 */
+  snprintf(too_long, sizeof(too_long), "%sb", longest);
+  const char *a6[] = {P1, "--tls-domain", too_long, NULL};
+  CHECK(load(a6, &c, err, sizeof(err)) == MTP_EINVAL && strstr(err, "is not a host name") != NULL);
+  mtp_config_free(&c);
+}
+
+/* domain_fronting: off, sni, HOST:PORT with a name, IPv4 or [IPv6]. */
+static void test_fronting(void) {
+  static const struct {
+    const char *in;
+    enum mtp_fronting_mode mode;
+    const char *host;
+    uint16_t port;
+  } ok[] = {
+      {"off", MTP_FRONTING_OFF, NULL, 0},
+      {"sni", MTP_FRONTING_SNI, NULL, 0},
+      {"127.0.0.1:8443", MTP_FRONTING_HOST, "127.0.0.1", 8443},
+      {"[::1]:8443", MTP_FRONTING_HOST, "::1", 8443},
+      {"[2001:db8::1]:443", MTP_FRONTING_HOST, "2001:db8::1", 443},
+      {"WWW.Example.com:443", MTP_FRONTING_HOST, "www.example.com", 443},
+      {"localhost:65535", MTP_FRONTING_HOST, "localhost", 65535},
+  };
+  for (size_t i = 0; i < sizeof(ok) / sizeof(ok[0]); i++) {
+    char err[256] = "", json[128];
+    struct mtp_config c;
+    const char *argv[] = {P1, "--domain-fronting", "10.0.0.1:1", "--domain-fronting", ok[i].in, NULL};
+    CHECK_MSG(load(argv, &c, err, sizeof(err)) == MTP_OK, "%s: %s", ok[i].in, err);
+    CHECK_MSG(c.fronting_mode == ok[i].mode && c.fronting_port == ok[i].port, "%s", ok[i].in);
+    if (ok[i].host == NULL)
+      CHECK_MSG(c.fronting_host == NULL, "%s", ok[i].in);
+    else
+      CHECK_MSG(c.fronting_host != NULL && strcmp(c.fronting_host, ok[i].host) == 0, "%s", ok[i].in);
+    mtp_config_free(&c);
+    /* The same through JSON. */
+    mtp_config_defaults(&c);
+    snprintf(json, sizeof(json), "{\"domain_fronting\": \"%s\"}", ok[i].in);
+    CHECK_MSG(mtp_config_parse_json(json, "t.json", &c, err, sizeof(err)) == MTP_OK, "%s", err);
+    CHECK(c.fronting_mode == ok[i].mode && c.fronting_port == ok[i].port);
+    mtp_config_free(&c);
+  }
+}
+
+/* replay_max_age: derived as 2 * tls_clock_skew unless given; a given one may not be lower. */
+static void test_replay_age(void) {
+  char err[256] = "";
+  struct mtp_config c;
+  const char *a1[] = {P1, "--tls-clock-skew", "1000", NULL};
+  CHECK(load(a1, &c, err, sizeof(err)) == MTP_OK && c.replay_max_age == 2000);
+  mtp_config_free(&c);
+  const char *a2[] = {P1, "--tls-clock-skew", "2.5", NULL};
+  CHECK(load(a2, &c, err, sizeof(err)) == MTP_OK && c.replay_max_age == 5);
+  mtp_config_free(&c);
+
+  /* File values: 0 derives, a value at or above the minimum is kept. */
+  char *path = write_temp("{\"tls_clock_skew\": 300, \"replay_max_age\": 0}");
+  const char *a3[] = {"--config", path, P1, NULL};
+  CHECK_MSG(load(a3, &c, err, sizeof(err)) == MTP_OK && c.replay_max_age == 600, "%s", err);
+  mtp_config_free(&c);
+  unlink(path);
+  free(path);
+  path = write_temp("{\"tls_clock_skew\": 300, \"replay_max_age\": 3600}");
+  const char *a4[] = {"--config", path, P1, NULL};
+  CHECK_MSG(load(a4, &c, err, sizeof(err)) == MTP_OK && c.replay_max_age == 3600, "%s", err);
+  mtp_config_free(&c);
+  /* A flag raising the skew above half the file's age is an error that names the file's key. */
+  const char *a5[] = {"--config", path, P1, "--tls-clock-skew", "1801", NULL};
+  CHECK(load(a5, &c, err, sizeof(err)) == MTP_EINVAL);
+  char want[300];
+  snprintf(want, sizeof(want), "%s: replay_max_age: must be at least 2 * tls_clock_skew (3602)", path);
+  CHECK_MSG(strcmp(err, want) == 0, "%s", err);
+  mtp_config_free(&c);
+  unlink(path);
+  free(path);
+  /* The file's skew alone moves the derived age (no file age given). */
+  path = write_temp("{\"tls_clock_skew\": 10}");
+  const char *a6[] = {"--config", path, P1, "--tls-clock-skew", "20", NULL};
+  CHECK_MSG(load(a6, &c, err, sizeof(err)) == MTP_OK && c.replay_max_age == 40, "%s", err);
+  CHECK(strcmp(c.config_path, path) == 0);
+  mtp_config_free(&c);
+  unlink(path);
+  free(path);
+
+  /* mtp_config_parse_json applied step by step: a derived age follows the skew; a given one stays. */
+  mtp_config_defaults(&c);
+  CHECK(c.replay_max_age == 1200);
+  CHECK(mtp_config_parse_json("{\"tls_clock_skew\": 100}", "t.json", &c, err, sizeof(err)) == MTP_OK);
+  CHECK(c.replay_max_age == 200);
+  CHECK(mtp_config_parse_json("{\"tls_clock_skew\": 50}", "t.json", &c, err, sizeof(err)) == MTP_OK);
+  CHECK(c.replay_max_age == 100);
+  CHECK(mtp_config_parse_json("{\"replay_max_age\": 150}", "t.json", &c, err, sizeof(err)) == MTP_OK);
+  CHECK(c.replay_max_age == 150);
+  CHECK(mtp_config_parse_json("{\"tls_clock_skew\": 100}", "u.json", &c, err, sizeof(err)) == MTP_EINVAL);
+  CHECK_MSG(strcmp(err, "u.json: replay_max_age: must be at least 2 * tls_clock_skew (200)") == 0, "%s", err);
+  mtp_config_free(&c);
+}
+
+/* Per-listener tls_domains, the global list, and which one is in effect. */
+static void test_tls_domains(void) {
+  char err[256] = "";
+  struct mtp_config c;
+  char *path = write_temp("{\"tls_domains\": [\"g.example\"], \"listeners\": ["
+                          "{\"name\": \"own\", \"listen\": \"127.0.0.1:0\", \"secrets\": [\"" SECRET_A "\"],"
+                          " \"tls_domains\": [\"A.example\", \"b.example\"], \"allowed_protocols\": [\"fake_tls\"]},"
+                          "{\"name\": \"global\", \"listen\": \"127.0.0.1:0\", \"secrets\": [\"" SECRET_A "\"],"
+                          " \"allowed_protocols\": [\"fake_tls\"]},"
+                          "{\"name\": \"none\", \"listen\": \"127.0.0.1:0\", \"secrets\": [\"" SECRET_A "\"],"
+                          " \"tls_domains\": null, \"allowed_protocols\": [\"secure\"]}]}");
+  const char *a1[] = {"--config", path, NULL};
+  CHECK_MSG(load(a1, &c, err, sizeof(err)) == MTP_OK, "%s", err);
+  CHECK(c.nlisteners == 3 && c.ntls_domains == 1);
+  size_t n;
+  const char *const *d = mtp_config_tls_domains(&c, &c.listeners[0], &n);
+  CHECK(n == 2 && strcmp(d[0], "a.example") == 0 && strcmp(d[1], "b.example") == 0);
+  d = mtp_config_tls_domains(&c, &c.listeners[1], &n);
+  CHECK(n == 1 && strcmp(d[0], "g.example") == 0);
+  CHECK(mtp_config_serves_fake_tls(&c, &c.listeners[0]) && mtp_config_serves_fake_tls(&c, &c.listeners[1]));
+  CHECK(!mtp_config_serves_fake_tls(&c, &c.listeners[2]));
+  mtp_config_free(&c);
+  /* --tls-domain replaces the global list, not the listeners' own. */
+  const char *a2[] = {"--config", path, "--tls-domain", "x.example", NULL};
+  CHECK_MSG(load(a2, &c, err, sizeof(err)) == MTP_OK, "%s", err);
+  CHECK(c.ntls_domains == 1 && strcmp(c.tls_domains[0], "x.example") == 0 && c.listeners[0].ntls_domains == 2);
+  mtp_config_free(&c);
+  unlink(path);
+  free(path);
+  /* Listener 'global' needs the global list: without it, the error names it. */
+  path = write_temp("{\"tls_domains\": [], \"listeners\": ["
+                    "{\"name\": \"own\", \"listen\": \"127.0.0.1:0\", \"secrets\": [\"" SECRET_A "\"],"
+                    " \"tls_domains\": [\"a.example\"], \"allowed_protocols\": [\"fake_tls\"]},"
+                    "{\"name\": \"global\", \"listen\": \"127.0.0.1:0\", \"secrets\": [\"" SECRET_A "\"],"
+                    " \"allowed_protocols\": [\"fake_tls\"]}]}");
+  const char *a3[] = {"--config", path, NULL};
+  CHECK(load(a3, &c, err, sizeof(err)) == MTP_EINVAL);
+  CHECK_MSG(strstr(err, "listener 'global': allowed_protocols is only fake_tls") != NULL, "%s", err);
+  mtp_config_free(&c);
+  unlink(path);
+  free(path);
+}
+
+/* Policy details not in FULL_JSON: order of "tables" and "policy", empty lists, null keys. */
+static void test_policy(void) {
+  char err[256] = "";
+  struct mtp_config c;
+  mtp_config_defaults(&c);
+  CHECK_MSG(mtp_config_parse_json("{\"policy\": [{\"rule\": \"in_table\", \"key\": \"ipv4/16\", \"table\": \"nets\"},"
+                                  " {\"rule\": \"max_connections\", \"keys\": [], \"max\": 9007199254740992}],"
+                                  " \"tables\": {\"nets\": [\"10.1.0.0/16\", \"10.2.0.0\", \"0.0.0.0/0\"],"
+                                  " \"spare\": [\"anything-goes\"]}}",
+                                  "t.json", &c, err, sizeof(err)) == MTP_OK,
+            "%s", err);
+  CHECK(c.npolicy == 2 && c.ntables == 2);
+  CHECK(c.policy[0].keys[0].key == MTP_PKEY_IPV4_SUBNET && c.policy[0].keys[0].prefix == 16);
+  CHECK(c.policy[1].nkeys == 0 && c.policy[1].max == 9007199254740992ull);
+  CHECK(c.tables[0].nentries == 3 && strcmp(c.tables[1].entries[0], "anything-goes") == 0);
+  /* A later text replaces the lists; a table that a rule needs must come with it. */
+  CHECK(mtp_config_parse_json("{\"policy\": []}", "t.json", &c, err, sizeof(err)) == MTP_OK);
+  CHECK(c.npolicy == 0 && c.policy == NULL && c.ntables == 2);
+  CHECK(mtp_config_parse_json("{\"tables\": {}}", "t.json", &c, err, sizeof(err)) == MTP_OK);
+  CHECK(c.ntables == 0 && c.tables == NULL);
+  mtp_config_free(&c);
+}
+
 /* The example configs in config/ are valid. */
 static void test_examples(void) {
   char root[512];
@@ -514,6 +1080,9 @@ static void test_examples(void) {
   CHECK_MSG(load(argv, &c, err, sizeof(err)) == MTP_OK, "%s", err);
   CHECK(c.nlisteners == 2);
   CHECK(c.listeners[0].addr.ss_family == AF_INET && c.listeners[1].addr.ss_family == AF_INET6);
+  CHECK(c.ntls_domains == 1 && strcmp(c.tls_domains[0], "www.example.com") == 0);
+  CHECK(c.fronting_mode == MTP_FRONTING_SNI && c.replay_max_age == 1200);
+  CHECK(mtp_config_serves_fake_tls(&c, &c.listeners[0]) && mtp_config_serves_fake_tls(&c, &c.listeners[1]));
   mtp_config_free(&c);
   snprintf(path, sizeof(path), "%sconfig/minimal.json", root);
   CHECK_MSG(load(argv, &c, err, sizeof(err)) == MTP_OK, "%s", err);
@@ -558,7 +1127,9 @@ static void t_free(void *p) {
 static void test_alloc_failures(void) {
   char *path = write_temp(FULL_JSON);
   const char *argv[] = {"--config", path, "--listen", "127.0.0.1:0", "--listen", "[::1]:0", "--port", "1",
-                        "--secret", SECRET_A, "--admin", "127.0.0.1:1", NULL};
+                        "--secret", SECRET_A, "--admin", "127.0.0.1:1", "--tls-domain", "a.example",
+                        "--tls-domain", "b.example", "--tunnel-allow", "f1", "--domain-fronting", "h.example:1",
+                        "--node-name", "n1", NULL};
   mtp_replace_allocator(t_malloc, t_realloc, t_calloc, t_free);
   bool succeeded = false;
   for (long n = 0; n < 1000 && !succeeded; n++) {
@@ -570,7 +1141,7 @@ static void test_alloc_failures(void) {
     int rc = load(argv, &c, err, sizeof(err));
     if (rc == MTP_OK) {
       succeeded = true;
-      CHECK(c.nlisteners == 4);
+      CHECK(c.nlisteners == 4 && c.ntls_domains == 2 && c.npolicy == 8);
     } else {
       CHECK_MSG(rc == MTP_ENOMEM && strcmp(err, "out of memory") == 0, "n=%ld rc=%d err=%s", n, rc, err);
     }
@@ -592,6 +1163,11 @@ int main(void) {
   test_json_keys();
   test_flag_errors();
   test_json_errors();
+  test_new_flags();
+  test_fronting();
+  test_replay_age();
+  test_tls_domains();
+  test_policy();
   test_examples();
   test_alloc_failures();
   return check_report();
