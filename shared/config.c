@@ -12,7 +12,11 @@
  * several settings, which may come from the file and the flags, run last in finish(), which
  * also derives replay_max_age.
  *
- * Startup-only code: the file is read with plain stdio; allocations go through mtp_malloc.
+ * mtp_config_load keeps a copy of its argv; mtp_config_reload runs the load again on it and then
+ * copies the settings that need a restart from the old config (everything not in reloadable[]).
+ *
+ * Startup and reload code, never on a worker's loop: the file is read with plain stdio;
+ * allocations go through mtp_malloc.
  */
 #include "config.h"
 
@@ -536,6 +540,9 @@ void mtp_config_free(struct mtp_config *cfg) {
   tables_free(cfg->tables, cfg->ntables);
   cfg->tables = NULL;
   cfg->ntables = 0;
+  strings_free(cfg->_argv, (size_t)cfg->_argc);
+  cfg->_argv = NULL;
+  cfg->_argc = 0;
 }
 
 const char *const *mtp_config_tls_domains(const struct mtp_config *cfg, const struct mtp_listener_conf *l,
@@ -1612,6 +1619,22 @@ static const char *origin_of(const struct origin *o, const char *json, const cha
   return buf;
 }
 
+/* A NULL-terminated copy of argv[0..argc) (*out, transferred), kept for mtp_config_reload. */
+static int argv_copy(int argc, char *const *argv, char ***out, char *err, size_t errlen) {
+  char **v = mtp_calloc((size_t)argc + 1, sizeof(*v));
+  if (v == NULL)
+    return ENOMEMF();
+  for (int i = 0; i < argc; i++) {
+    v[i] = mtp_strdup(argv[i]);
+    if (v[i] == NULL) {
+      strings_free(v, (size_t)i);
+      return ENOMEMF();
+    }
+  }
+  *out = v;
+  return MTP_OK;
+}
+
 /* The checks that involve several settings, once the file and the flags are applied; then the
  * derived defaults. cfg->replay_max_age == 0 means it was not given. */
 static int finish(struct mtp_config *cfg, const struct origin *o, char *err, size_t errlen) {
@@ -1698,6 +1721,10 @@ int mtp_config_load(int argc, char **argv, struct mtp_config *cfg, bool *show_he
     goto out;
   }
   tmp.replay_max_age = 0; /* derived by finish() unless the file gives it */
+  rc = argv_copy(argc, argv, &tmp._argv, err, errlen);
+  if (rc != MTP_OK)
+    goto out;
+  tmp._argc = argc;
 
   for (size_t i = 0; i < nopts; i++) {
     if (opts[i].id == F_CONFIG)
@@ -1870,4 +1897,254 @@ out:
   mtp_free(text);
   mtp_free(opts);
   return rc;
+}
+
+/* ---- reload ---- */
+
+/* The settings a reload applies. Every other key of keys[] and lists[] is restart-only: the
+ * reloaded config keeps its old value and the caller is told. So a key added later stays
+ * restart-only until it is listed here (once the runtime can apply it). listeners, policy and
+ * tables are not in keys[] and always reload; replay_max_age has its own rule (keep_replay_age). */
+static const char *const reloadable[] = {
+    /* clients */
+    "handshake_timeout", "idle_timeout", "client_send_budget", "drain_timeout", "ad_tag", "public_host",
+    /* logging */
+    "log_level", "log_debug",
+    /* fake-TLS and fronting */
+    "tls_domains", "tls_clock_skew", "tls_record_size", "tls_flight_size", "tls_probe_interval", "domain_fronting",
+    "fronting_connect_timeout", "fronting_idle_timeout", "per_sni_secrets", "per_sni_salt",
+};
+
+static bool is_reloadable(const char *json) {
+  for (size_t i = 0; i < sizeof(reloadable) / sizeof(reloadable[0]); i++)
+    if (strcmp(reloadable[i], json) == 0)
+      return true;
+  return false;
+}
+
+static bool str_eq(const char *a, const char *b) { return a == NULL || b == NULL ? a == b : strcmp(a, b) == 0; }
+
+/* *dst becomes a copy of src (NULL stays NULL). */
+static int copy_string(char **dst, const char *src, char *err, size_t errlen) {
+  char *copy = NULL;
+  if (src != NULL && (copy = mtp_strdup(src)) == NULL)
+    return ENOMEMF();
+  mtp_free(*dst);
+  *dst = copy;
+  return MTP_OK;
+}
+
+/* Whether key k has the same value in a and b. */
+static bool key_same(const struct key *k, const struct mtp_config *a, const struct mtp_config *b) {
+  const char *pa = (const char *)a + k->off, *pb = (const char *)b + k->off;
+  switch (k->type) {
+  case KT_WORKERS:
+  case KT_INTI:
+  case KT_LOG:
+    return *(const int *)pa == *(const int *)pb;
+  case KT_INT:
+  case KT_INT0:
+  case KT_MB:
+    return *(const size_t *)pa == *(const size_t *)pb;
+  case KT_U32:
+    return *(const uint32_t *)pa == *(const uint32_t *)pb;
+  case KT_SECS:
+    return *(const double *)pa == *(const double *)pb;
+  case KT_BOOL:
+    return *(const bool *)pa == *(const bool *)pb;
+  case KT_STR:
+  case KT_ADDR:
+  case KT_HOSTPORT:
+  case KT_NAME:
+    return str_eq(*(char *const *)pa, *(char *const *)pb);
+  case KT_TAG:
+    return a->has_ad_tag == b->has_ad_tag && (!a->has_ad_tag || memcmp(a->ad_tag, b->ad_tag, sizeof(a->ad_tag)) == 0);
+  case KT_NAT:
+    return a->has_nat == b->has_nat && a->nat_local == b->nat_local && a->nat_public == b->nat_public;
+  case KT_FRONTING:
+    return a->fronting_mode == b->fronting_mode && str_eq(a->fronting_host, b->fronting_host) &&
+           a->fronting_port == b->fronting_port;
+  }
+  return false;
+}
+
+/* Key k of dst takes its value from src. */
+static int key_copy(const struct key *k, struct mtp_config *dst, const struct mtp_config *src, char *err,
+                    size_t errlen) {
+  char *pd = (char *)dst + k->off;
+  const char *ps = (const char *)src + k->off;
+  switch (k->type) {
+  case KT_WORKERS:
+  case KT_INTI:
+  case KT_LOG:
+    *(int *)pd = *(const int *)ps;
+    break;
+  case KT_INT:
+  case KT_INT0:
+  case KT_MB:
+    *(size_t *)pd = *(const size_t *)ps;
+    break;
+  case KT_U32:
+    *(uint32_t *)pd = *(const uint32_t *)ps;
+    break;
+  case KT_SECS:
+    *(double *)pd = *(const double *)ps;
+    break;
+  case KT_BOOL:
+    *(bool *)pd = *(const bool *)ps;
+    break;
+  case KT_STR:
+  case KT_ADDR:
+  case KT_HOSTPORT:
+  case KT_NAME:
+    return copy_string((char **)pd, *(char *const *)ps, err, errlen);
+  case KT_TAG:
+    dst->has_ad_tag = src->has_ad_tag;
+    memcpy(dst->ad_tag, src->ad_tag, sizeof(dst->ad_tag));
+    break;
+  case KT_NAT:
+    dst->has_nat = src->has_nat;
+    dst->nat_local = src->nat_local;
+    dst->nat_public = src->nat_public;
+    break;
+  case KT_FRONTING:
+    dst->fronting_mode = src->fronting_mode;
+    dst->fronting_port = src->fronting_port;
+    return copy_string(&dst->fronting_host, src->fronting_host, err, errlen);
+  }
+  return MTP_OK;
+}
+
+static char *const *list_items_c(const struct list_key *lk, const struct mtp_config *cfg) {
+  return *(char **const *)((const char *)cfg + lk->off);
+}
+static size_t list_count_c(const struct list_key *lk, const struct mtp_config *cfg) {
+  return *(const size_t *)((const char *)cfg + lk->noff);
+}
+
+static bool list_same(const struct list_key *lk, const struct mtp_config *a, const struct mtp_config *b) {
+  size_t n = list_count_c(lk, a);
+  if (n != list_count_c(lk, b))
+    return false;
+  for (size_t i = 0; i < n; i++)
+    if (strcmp(list_items_c(lk, a)[i], list_items_c(lk, b)[i]) != 0)
+      return false;
+  return true;
+}
+
+/* List lk of dst becomes a copy of src's. */
+static int list_copy(const struct list_key *lk, struct mtp_config *dst, const struct mtp_config *src, char *err,
+                     size_t errlen) {
+  size_t n = list_count_c(lk, src);
+  char **v = NULL;
+  if (n > 0 && (v = mtp_calloc(n, sizeof(*v))) == NULL)
+    return ENOMEMF();
+  for (size_t i = 0; i < n; i++) {
+    v[i] = mtp_strdup(list_items_c(lk, src)[i]);
+    if (v[i] == NULL) {
+      strings_free(v, i);
+      return ENOMEMF();
+    }
+  }
+  strings_free(*list_items(lk, dst), *list_count(lk, dst));
+  *list_items(lk, dst) = v;
+  *list_count(lk, dst) = n;
+  return MTP_OK;
+}
+
+/* The names of the restart-only settings that differed, "a, b, c". */
+struct kept {
+  char names[512];
+  size_t len;
+  size_t n;
+};
+
+static void kept_add(struct kept *kp, const char *name) {
+  int w = snprintf(kp->names + kp->len, sizeof(kp->names) - kp->len, "%s%s", kp->n > 0 ? ", " : "", name);
+  if (w > 0)
+    kp->len = kp->len + (size_t)w < sizeof(kp->names) ? kp->len + (size_t)w : sizeof(kp->names) - 1;
+  kp->n++;
+}
+
+/* The replay cache was made with old's replay_max_age and keeps it until a restart. A new
+ * tls_clock_skew must fit inside it: a ClientHello is accepted while its timestamp is within
+ * the skew either way, so the cache must remember it for 2 * skew or a replay gets through.
+ * tls_clock_skew can only have changed in the file: a flag has the same value as before. */
+static int keep_replay_age(const struct mtp_config *old, struct mtp_config *cfg, struct kept *kp, char *err,
+                           size_t errlen) {
+  uint32_t need = min_replay_age(cfg->tls_clock_skew);
+  if (old->replay_max_age < need) {
+    char where[256];
+    if (cfg->config_path != NULL)
+      snprintf(where, sizeof(where), "%.200s: tls_clock_skew", cfg->config_path);
+    else
+      snprintf(where, sizeof(where), "tls_clock_skew");
+    return EINVALF("%s: %g would need replay_max_age >= %u, but the running replay cache keeps handshakes for "
+                   "%u s until a restart (keep tls_clock_skew <= %g, or restart)",
+                   where, cfg->tls_clock_skew, (unsigned)need, (unsigned)old->replay_max_age,
+                   old->replay_max_age / 2.0);
+  }
+  if (cfg->replay_max_age != old->replay_max_age) {
+    kept_add(kp, "replay_max_age");
+    cfg->replay_max_age = old->replay_max_age;
+  }
+  return MTP_OK;
+}
+
+int mtp_config_reload(const struct mtp_config *old, struct mtp_config *out, char *err, size_t errlen) {
+  struct mtp_config tmp;
+  struct kept kp = {.len = 0, .n = 0};
+  bool help = false;
+  kp.names[0] = '\0';
+  if (err != NULL && errlen > 0)
+    err[0] = '\0';
+  if (old->_argv == NULL)
+    return EINVALF("reload: this configuration was not made by mtp_config_load, so there is nothing to re-read");
+  int rc = mtp_config_load(old->_argc, old->_argv, &tmp, &help, err, errlen);
+  if (rc != MTP_OK)
+    return rc; /* tmp was zeroed by the load */
+  if (help)
+    return EINVALF("reload: the command line asks for --help"); /* tmp untouched: nothing to free */
+  for (size_t i = 0; rc == MTP_OK && i < NKEYS; i++) {
+    const struct key *k = &keys[i];
+    if (strcmp(k->json, "replay_max_age") == 0) {
+      rc = keep_replay_age(old, &tmp, &kp, err, errlen);
+    } else if (!is_reloadable(k->json) && !key_same(k, old, &tmp)) {
+      kept_add(&kp, k->json);
+      rc = key_copy(k, &tmp, old, err, errlen);
+    }
+  }
+  for (size_t i = 0; rc == MTP_OK && i < NLISTS; i++) {
+    const struct list_key *lk = &lists[i];
+    if (!is_reloadable(lk->json) && !list_same(lk, old, &tmp)) {
+      kept_add(&kp, lk->json);
+      rc = list_copy(lk, &tmp, old, err, errlen);
+    }
+  }
+  if (rc != MTP_OK) {
+    mtp_config_free(&tmp);
+    return rc;
+  }
+  *out = tmp;
+  if (kp.n > 0 && err != NULL && errlen > 0)
+    snprintf(err, errlen, "%s changed; %s until a restart", kp.names,
+             kp.n == 1 ? "it keeps its old value" : "they keep their old values");
+  return MTP_OK;
+}
+
+bool mtp_listener_conf_same_socket(const struct mtp_listener_conf *a, const struct mtp_listener_conf *b) {
+  if (a->name == NULL || b->name == NULL || strcmp(a->name, b->name) != 0)
+    return false;
+  if (a->addr.ss_family != b->addr.ss_family)
+    return false;
+  if (a->addr.ss_family == AF_INET) {
+    const struct sockaddr_in *x = (const struct sockaddr_in *)&a->addr, *y = (const struct sockaddr_in *)&b->addr;
+    return x->sin_addr.s_addr == y->sin_addr.s_addr && x->sin_port == y->sin_port;
+  }
+  if (a->addr.ss_family == AF_INET6) {
+    const struct sockaddr_in6 *x = (const struct sockaddr_in6 *)&a->addr, *y = (const struct sockaddr_in6 *)&b->addr;
+    return memcmp(&x->sin6_addr, &y->sin6_addr, sizeof(x->sin6_addr)) == 0 && x->sin6_port == y->sin6_port &&
+           x->sin6_scope_id == y->sin6_scope_id;
+  }
+  return false;
 }

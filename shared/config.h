@@ -4,7 +4,8 @@
  * Load order: built-in defaults, then the JSON file if --config is given, then the flags
  * (a flag overrides the file's value; --listen/--secret given on the command line replace
  * the file's listeners/secrets, --tls-domain/--tunnel-allow the file's lists). Every value is validated; an error is one line that names
- * the bad flag, file or JSON key and the reason. The result is immutable once loaded.
+ * the bad flag, file or JSON key and the reason. The result is immutable once loaded; a reload
+ * (mtp_config_reload) builds a new one from the same command line.
  * Every key is documented with its default in docs/configuration.md.
  */
 #ifndef MTP_CONFIG_H
@@ -134,6 +135,11 @@ struct mtp_config {
   char *tables_file;             /* owns: where runtime table edits persist; NULL = cache_dir/tables.json or none */
   double drain_timeout;          /* seconds clients may drain after SIGTERM; default 30 */
   char *config_path;             /* owns: the --config file, re-read on reload; NULL = none */
+
+  /* ---- reload (issue 5) ---- */
+  char **_argv;                  /* owns: a copy of the argv mtp_config_load was given, NULL-terminated;
+                                  * NULL when the config was not made by mtp_config_load */
+  int _argc;
 };
 
 /*
@@ -149,6 +155,41 @@ int mtp_config_load(int argc, char **argv, struct mtp_config *cfg, bool *show_he
  * then runs the checks that involve several keys and derives replay_max_age, as mtp_config_load
  * does. A replay_max_age already in cfg counts as given unless it equals 2 * tls_clock_skew. */
 int mtp_config_parse_json(const char *text, const char *name, struct mtp_config *cfg, char *err, size_t errlen);
+
+/*
+ * Builds a fresh configuration the way `old` was built: mtp_config_load on a copy of the same argv,
+ * so the --config file is read again and the flags still override it.
+ *
+ * Settings that cannot change while the proxy runs keep their value from `old`: workers,
+ * dc_conn_max_clients, dc_connect_timeout, proxy_secret, proxy_config, config_refresh, cache_dir,
+ * nat_info, admin, replay_cache_mb, replay_max_age, back, tunnel_* (all of them), node_name and
+ * tables_file. Everything else comes from the new text: listeners, secrets, ad_tags, allowed
+ * protocols, tls_domains, timeouts, fake-TLS and fronting settings, per-SNI secrets, policy and
+ * tables, log_level, log_debug, drain_timeout, public_host.
+ *
+ * replay_max_age belongs to the running replay cache, so it stays; a new tls_clock_skew whose
+ * 2 * skew exceeds it is an error that names both keys.
+ *
+ * Returns:
+ *   MTP_OK      *out holds the new config (owned by the caller; `out` is overwritten without being
+ *               freed and must not be `old`). err holds "" or one line naming the restart-only
+ *               settings that differed and were kept, e.g. "workers, admin changed; they keep
+ *               their old values until a restart". 512 bytes of err hold the longest such line.
+ *   MTP_EINVAL  the new config is invalid (err: one line naming the file or flag and the key), or
+ *               `old` was not made by mtp_config_load. *out is untouched; nothing is allocated.
+ *   MTP_ENOMEM  "out of memory"; *out untouched.
+ * Reads a file: call it from the main thread, outside the workers' loops.
+ */
+int mtp_config_reload(const struct mtp_config *old, struct mtp_config *out, char *err, size_t errlen);
+
+/*
+ * True when listener b of a new config may keep listener a's socket: same name, same address
+ * family, IP and port. Port 0 ("any free port") counts as the same port when both have it, so a
+ * listener with port 0 that keeps its name and IP keeps the port the OS gave it. A listener whose
+ * name or address changed is a new socket; the old one should be closed before the new one binds,
+ * since they may share the address.
+ */
+bool mtp_listener_conf_same_socket(const struct mtp_listener_conf *a, const struct mtp_listener_conf *b);
 
 /* Sets all defaults (no listeners). */
 void mtp_config_defaults(struct mtp_config *cfg);

@@ -1,7 +1,9 @@
 /*
  * test_config.c - shared/config: defaults, every JSON key and flag, precedence (file < flags),
- * the error for each bad input (table-driven), the example configs in config/, and an
- * allocation-failure pass (fail the Nth allocation; under ASan this also proves no leaks).
+ * the error for each bad input (table-driven), the example configs in config/, reload (the file
+ * edited between load and reload: what applies, what is kept until a restart, what is refused),
+ * and an allocation-failure pass over load and reload (fail the Nth allocation; under ASan or
+ * valgrind this also proves no leaks).
  */
 #include "config.h"
 
@@ -1090,6 +1092,343 @@ static void test_examples(void) {
   mtp_config_free(&c);
 }
 
+/* ---- reload ---- */
+
+static void rewrite(const char *path, const char *text) {
+  FILE *f = fopen(path, "wb");
+  CHECK(f != NULL);
+  CHECK(fwrite(text, 1, strlen(text), f) == strlen(text));
+  fclose(f);
+}
+
+static const struct mtp_listener_conf *listener_named(const struct mtp_config *c, const char *name) {
+  for (size_t i = 0; i < c->nlisteners; i++)
+    if (strcmp(c->listeners[i].name, name) == 0)
+      return &c->listeners[i];
+  return NULL;
+}
+
+/* A failed reload leaves *out exactly as it was: compare it with a sentinel pattern. */
+static void reload_fails(const struct mtp_config *old, const char *want_err) {
+  struct mtp_config out;
+  unsigned char sentinel[sizeof(out)];
+  char err[512] = "";
+  memset(&out, 0xa5, sizeof(out));
+  memset(sentinel, 0xa5, sizeof(sentinel));
+  CHECK(mtp_config_reload(old, &out, err, sizeof(err)) == MTP_EINVAL);
+  CHECK_MSG(strcmp(err, want_err) == 0, "got '%s' want '%s'", err, want_err);
+  CHECK(memcmp(&out, sentinel, sizeof(out)) == 0);
+}
+
+/* The loaded config keeps a private copy of its argv. */
+static void test_reload_argv(void) {
+  char err[256] = "";
+  struct mtp_config c;
+  char a0[] = "--port", a1[] = "0", a2[] = "--secret", a3[] = SECRET_A;
+  char *argv[] = {a0, a1, a2, a3, NULL};
+  CHECK_MSG(load((const char *const *)argv, &c, err, sizeof(err)) == MTP_OK, "%s", err);
+  CHECK(c._argc == 4 && c._argv != NULL && c._argv[4] == NULL);
+  for (int i = 0; i < 4; i++)
+    CHECK(strcmp(c._argv[i], argv[i]) == 0 && c._argv[i] != argv[i]);
+  memset(a3, 'x', sizeof(a3) - 1); /* the caller's argv may change afterwards */
+  CHECK(strcmp(c._argv[3], SECRET_A) == 0);
+  mtp_config_free(&c);
+  CHECK(c._argv == NULL && c._argc == 0);
+  mtp_config_free(&c);
+  /* A config made without mtp_config_load has nothing to re-read. */
+  mtp_config_defaults(&c);
+  reload_fails(&c, "reload: this configuration was not made by mtp_config_load, so there is nothing to re-read");
+  mtp_config_free(&c);
+}
+
+/* Edit the file, reload: listeners added and removed, a secret changed, timeouts changed; flags
+ * still override the file; listeners that keep name and address keep their socket. */
+static void test_reload_edit(void) {
+  char err[512] = "";
+  struct mtp_config c, r, r2;
+  char *path = write_temp("{\"handshake_timeout\": 10, \"log_level\": \"warn\", \"listeners\": ["
+                          "{\"name\": \"a\", \"listen\": \"127.0.0.1:0\", \"secrets\": [\"" SECRET_A "\"]},"
+                          "{\"name\": \"gone\", \"listen\": \"127.0.0.1:4430\", \"secrets\": [\"" SECRET_A "\"]}]}");
+  const char *argv[] = {"--config", path, "--log-level", "debug", NULL};
+  CHECK_MSG(load(argv, &c, err, sizeof(err)) == MTP_OK, "%s", err);
+  CHECK(c.nlisteners == 2 && c.handshake_timeout == 10 && c.log_level == MTP_LOG_DEBUG);
+
+  /* Unchanged file: same config, nothing to report. */
+  snprintf(err, sizeof(err), "junk");
+  CHECK_MSG(mtp_config_reload(&c, &r, err, sizeof(err)) == MTP_OK, "%s", err);
+  CHECK_MSG(err[0] == '\0', "%s", err);
+  CHECK(r.nlisteners == 2 && mtp_listener_conf_same_socket(&c.listeners[0], &r.listeners[0]) &&
+        mtp_listener_conf_same_socket(&c.listeners[1], &r.listeners[1]));
+  CHECK(r._argc == c._argc && r._argv != c._argv && strcmp(r.config_path, path) == 0);
+  mtp_config_free(&r);
+
+  /* Listener b added, 'gone' removed, a's secret changed, handshake_timeout and the file's
+   * log_level changed (the flag still wins), a global ad_tag added. */
+  rewrite(path, "{\"handshake_timeout\": 2.5, \"log_level\": \"error\", \"ad_tag\": \"" TAG "\", \"listeners\": ["
+                "{\"name\": \"b\", \"listen\": \"[::1]:0\", \"secrets\": [\"" SECRET_A "\"]},"
+                "{\"name\": \"a\", \"listen\": \"127.0.0.1:0\", \"secrets\": [\"" SECRET_B "\", \"" SECRET_A "\"]}]}");
+  CHECK_MSG(mtp_config_reload(&c, &r, err, sizeof(err)) == MTP_OK, "%s", err);
+  CHECK_MSG(err[0] == '\0', "%s", err);
+  CHECK(r.nlisteners == 2 && r.handshake_timeout == 2.5 && r.log_level == MTP_LOG_DEBUG && r.has_ad_tag);
+  const struct mtp_listener_conf *a = listener_named(&r, "a"), *b = listener_named(&r, "b");
+  CHECK(a != NULL && b != NULL && listener_named(&r, "gone") == NULL);
+  CHECK(a->nsecrets == 2 && secret_is(a->secrets[0], SECRET_B) && secret_is(a->secrets[1], SECRET_A));
+  CHECK(mtp_listener_conf_same_socket(&c.listeners[0], a));
+  CHECK(!mtp_listener_conf_same_socket(&c.listeners[1], b) && !mtp_listener_conf_same_socket(&c.listeners[0], b));
+  addr_is(&b->addr, "[::1]:0");
+  /* The old config is untouched and still usable. */
+  CHECK(c.nlisteners == 2 && c.handshake_timeout == 10 && c.listeners[0].nsecrets == 1 && !c.has_ad_tag);
+
+  /* A reload of the reloaded config works the same way (it carries its own argv). */
+  rewrite(path, "{\"listeners\": [{\"name\": \"b\", \"listen\": \"[::1]:0\", \"secrets\": [\"" SECRET_B "\"]}]}");
+  CHECK_MSG(mtp_config_reload(&r, &r2, err, sizeof(err)) == MTP_OK, "%s", err);
+  CHECK(r2.nlisteners == 1 && strcmp(r2.listeners[0].name, "b") == 0 && r2.handshake_timeout == 10);
+  CHECK(mtp_listener_conf_same_socket(b, &r2.listeners[0]) && secret_is(r2.listeners[0].secrets[0], SECRET_B));
+  mtp_config_free(&r2);
+  mtp_config_free(&r);
+  mtp_config_free(&c);
+
+  /* --secret on the command line replaces the re-read file's secrets too. */
+  rewrite(path, "{\"listeners\": [{\"name\": \"a\", \"listen\": \"127.0.0.1:0\", \"secrets\": [\"" SECRET_A "\"]}]}");
+  const char *argv2[] = {"--config", path, "--secret", SECRET_A, NULL};
+  CHECK_MSG(load(argv2, &c, err, sizeof(err)) == MTP_OK, "%s", err);
+  rewrite(path, "{\"listeners\": [{\"name\": \"a\", \"listen\": \"127.0.0.1:0\", \"secrets\": [\"" SECRET_B "\"]},"
+                "{\"name\": \"c\", \"listen\": \"127.0.0.1:0\"}]}");
+  CHECK_MSG(mtp_config_reload(&c, &r, err, sizeof(err)) == MTP_OK, "%s", err);
+  CHECK(r.nlisteners == 2 && r.listeners[0].nsecrets == 1 && secret_is(r.listeners[0].secrets[0], SECRET_A));
+  CHECK(r.listeners[1].nsecrets == 1 && secret_is(r.listeners[1].secrets[0], SECRET_A));
+  mtp_config_free(&r);
+  mtp_config_free(&c);
+  unlink(path);
+  free(path);
+}
+
+/* An invalid edit is refused with the reason; the caller keeps the old config. */
+static void test_reload_invalid(void) {
+  char err[512] = "", want[600];
+  struct mtp_config c, r;
+  char *path = write_temp("{\"listeners\": [{\"name\": \"a\", \"listen\": \"127.0.0.1:0\", \"secrets\": [\"" SECRET_A
+                          "\"]}]}");
+  const char *argv[] = {"--config", path, NULL};
+  CHECK_MSG(load(argv, &c, err, sizeof(err)) == MTP_OK, "%s", err);
+
+  rewrite(path, "{\"handshake_timeout\": -1, \"listeners\": [{\"name\": \"a\", \"listen\": \"127.0.0.1:0\","
+                " \"secrets\": [\"" SECRET_B "\"]}]}");
+  snprintf(want, sizeof(want), "%s: handshake_timeout: '-1' must be seconds, > 0 and <= 3600", path);
+  reload_fails(&c, want);
+  rewrite(path, "{\"listeners\": [{\"name\": \"a\", \"listen\": \"127.0.0.1:0\", \"secrets\": [\"xyz\"]}]}");
+  snprintf(want, sizeof(want), "%s: listeners[0].secrets[0]: 'xyz' is not 32 hex characters", path);
+  reload_fails(&c, want);
+  rewrite(path, "{\"listeners\": [\n{\"name\": \"a\",, }]}");
+  snprintf(want, sizeof(want), "%s: line 2 column 15: invalid JSON", path);
+  reload_fails(&c, want);
+  rewrite(path, "{\"policy\": [{\"rule\": \"in_table\", \"key\": \"client_ipv4\", \"table\": \"nope\"}],"
+                " \"listeners\": [{\"name\": \"a\", \"listen\": \"127.0.0.1:0\", \"secrets\": [\"" SECRET_A "\"]}]}");
+  snprintf(want, sizeof(want), "%s: policy[0].table: no table 'nope' in \"tables\"", path);
+  reload_fails(&c, want);
+  rewrite(path, "{\"listeners\": []}");
+  reload_fails(&c, "no listeners: give --port P or --listen ADDR:PORT or listeners in the config");
+  unlink(path);
+  snprintf(want, sizeof(want), "%s: cannot open: No such file or directory", path);
+  reload_fails(&c, want);
+  /* The old config is intact. */
+  CHECK(c.nlisteners == 1 && secret_is(c.listeners[0].secrets[0], SECRET_A) && c.handshake_timeout == 10);
+  /* Once the file is fixed, the reload works. */
+  rewrite(path, "{\"listeners\": [{\"name\": \"a\", \"listen\": \"127.0.0.1:0\", \"secrets\": [\"" SECRET_B "\"]}]}");
+  CHECK_MSG(mtp_config_reload(&c, &r, err, sizeof(err)) == MTP_OK, "%s", err);
+  CHECK(secret_is(r.listeners[0].secrets[0], SECRET_B));
+  mtp_config_free(&r);
+  mtp_config_free(&c);
+  unlink(path);
+  free(path);
+}
+
+/* A config given only by flags (no file) reloads to the same config. */
+static void test_reload_flags_only(void) {
+  char err[512] = "";
+  struct mtp_config c, r;
+  const char *argv[] = {"--port", "0", "--listen", "127.0.0.1:0", "--secret", SECRET_A, "--workers", "3",
+                        "--tls-domain", "a.example", "--admin", "127.0.0.1:9100", NULL};
+  CHECK_MSG(load(argv, &c, err, sizeof(err)) == MTP_OK, "%s", err);
+  CHECK(c.config_path == NULL);
+  CHECK_MSG(mtp_config_reload(&c, &r, err, sizeof(err)) == MTP_OK, "%s", err);
+  CHECK_MSG(err[0] == '\0', "%s", err);
+  CHECK(r.nlisteners == 3 && r.workers == 3 && r.ntls_domains == 1 && strcmp(r.admin, "127.0.0.1:9100") == 0);
+  CHECK(r.config_path == NULL);
+  for (size_t i = 0; i < 3; i++)
+    CHECK(mtp_listener_conf_same_socket(&c.listeners[i], &r.listeners[i]));
+  mtp_config_free(&r);
+  mtp_config_free(&c);
+}
+
+/* A file with every restart-only key and many reloadable ones; v picks one of two value sets. */
+static void variant_json(int v, char *out, size_t outlen) {
+  int n = snprintf(
+      out, outlen,
+      "{\"workers\": %d, \"dc_conn_max_clients\": %d, \"dc_connect_timeout\": %d, \"proxy_secret\": \"/ps%d\","
+      " \"proxy_config\": \"/pc%d\", \"config_refresh\": %d, \"cache_dir\": \"/cache%d\","
+      " \"nat_info\": \"10.0.0.%d:203.0.113.7\", \"admin\": \"127.0.0.1:%d\", \"replay_cache_mb\": %d,"
+      " \"replay_max_age\": %d, \"back\": \"back%d.example:8444\", \"tunnel_listen\": \"0.0.0.0:%d\","
+      " \"tunnel_cert\": \"/c%d\", \"tunnel_key\": \"/k%d\", \"tunnel_ca\": \"/ca%d\","
+      " \"tunnel_allowed_fronts\": [\"f%d\"], \"tunnel_conns\": %d, \"tunnel_heartbeat\": %d, \"tunnel_timeout\": %d,"
+      " \"tunnel_window\": %d, \"node_name\": \"n%d\", \"tables_file\": \"/t%d\","
+      " \"handshake_timeout\": %d, \"idle_timeout\": %d, \"client_send_budget\": %d, \"drain_timeout\": %d,"
+      " \"ad_tag\": %s, \"public_host\": \"h%d.example\", \"log_level\": \"%s\", \"log_debug\": \"m%d\","
+      " \"tls_domains\": [\"d%d.example\"], \"tls_clock_skew\": %d, \"tls_record_size\": %d,"
+      " \"tls_flight_size\": %d, \"tls_probe_interval\": %d, \"domain_fronting\": \"%s\","
+      " \"fronting_connect_timeout\": %d, \"fronting_idle_timeout\": %d, \"per_sni_secrets\": %s,"
+      " \"per_sni_salt\": \"s%d\", \"tables\": {\"t%d\": []}, \"policy\": [{\"rule\": \"max_connections\", \"max\": %d}],"
+      " \"listeners\": [{\"name\": \"x%d\", \"listen\": \"127.0.0.1:0\", \"secrets\": [\"%s\"]}]}",
+      v + 1, v + 10, v + 2, v, v, 600 + v, v, v + 1, 9100 + v, v + 1, 4000 + v * 1000, v, 8444 + v, v, v, v, v,
+      v + 1, v + 2, v + 20, 65536 * (v + 1), v, v, 10 + v, 600 + v, 2000000 + v, 30 + v,
+      v ? "\"" TAG "\"" : "null", v, v ? "debug" : "warn", v, v, 300 + 100 * v, 4096 + v, 3000 + v, 600 + v,
+      v ? "off" : "127.0.0.1:8443", 3 + v, 60 + v, v ? "true" : "false", v, v, 100 + v, v, v ? SECRET_B : SECRET_A);
+  CHECK(n > 0 && (size_t)n < outlen);
+}
+
+/* Restart-only settings keep their old values and are named in the note; the others apply. */
+static void test_reload_restart_only(void) {
+  char err[512] = "", text[4096];
+  struct mtp_config c, r;
+  variant_json(0, text, sizeof(text));
+  char *path = write_temp(text);
+  const char *argv[] = {"--config", path, NULL};
+  CHECK_MSG(load(argv, &c, err, sizeof(err)) == MTP_OK, "%s", err);
+  variant_json(1, text, sizeof(text));
+  rewrite(path, text);
+  CHECK_MSG(mtp_config_reload(&c, &r, err, sizeof(err)) == MTP_OK, "%s", err);
+  const char *want = "workers, dc_conn_max_clients, dc_connect_timeout, proxy_secret, proxy_config, config_refresh, "
+                     "cache_dir, nat_info, admin, replay_cache_mb, replay_max_age, back, tunnel_listen, tunnel_cert, "
+                     "tunnel_key, tunnel_ca, tunnel_conns, tunnel_heartbeat, tunnel_timeout, tunnel_window, "
+                     "node_name, tables_file, tunnel_allowed_fronts changed; they keep their old values until a "
+                     "restart";
+  CHECK_MSG(strcmp(err, want) == 0, "%s", err);
+  CHECK(strlen(want) < 512);
+  /* Kept. */
+  CHECK(r.workers == 1 && r.dc_conn_max_clients == 10 && r.dc_connect_timeout == 2);
+  CHECK(strcmp(r.proxy_secret, "/ps0") == 0 && strcmp(r.proxy_config, "/pc0") == 0 && r.config_refresh == 600);
+  CHECK(strcmp(r.cache_dir, "/cache0") == 0 && r.has_nat && r.nat_local == 0x0a000001);
+  CHECK(strcmp(r.admin, "127.0.0.1:9100") == 0 && r.replay_cache_bytes == (1u << 20) && r.replay_max_age == 4000);
+  CHECK(strcmp(r.back, "back0.example:8444") == 0 && strcmp(r.tunnel_listen, "0.0.0.0:8444") == 0);
+  CHECK(strcmp(r.tunnel_cert, "/c0") == 0 && strcmp(r.tunnel_key, "/k0") == 0 && strcmp(r.tunnel_ca, "/ca0") == 0);
+  CHECK(r.ntunnel_allowed_fronts == 1 && strcmp(r.tunnel_allowed_fronts[0], "f0") == 0);
+  CHECK(r.tunnel_conns == 1 && r.tunnel_heartbeat == 2 && r.tunnel_timeout == 20 && r.tunnel_window == 65536);
+  CHECK(strcmp(r.node_name, "n0") == 0 && strcmp(r.tables_file, "/t0") == 0);
+  /* Applied. */
+  CHECK(r.handshake_timeout == 11 && r.idle_timeout == 601 && r.client_send_budget == 2000001 &&
+        r.drain_timeout == 31);
+  CHECK(r.has_ad_tag && strcmp(r.public_host, "h1.example") == 0 && r.log_level == MTP_LOG_DEBUG);
+  CHECK(strcmp(r.log_debug, "m1") == 0 && r.ntls_domains == 1 && strcmp(r.tls_domains[0], "d1.example") == 0);
+  CHECK(r.tls_clock_skew == 400 && r.tls_record_size == 4097 && r.tls_flight_size == 3001 &&
+        r.tls_probe_interval == 601);
+  CHECK(r.fronting_mode == MTP_FRONTING_OFF && r.fronting_host == NULL && r.fronting_port == 0);
+  CHECK(r.fronting_connect_timeout == 4 && r.fronting_idle_timeout == 61);
+  CHECK(r.per_sni_secrets && strcmp(r.per_sni_salt, "s1") == 0);
+  CHECK(r.ntables == 1 && strcmp(r.tables[0].name, "t1") == 0 && r.npolicy == 1 && r.policy[0].max == 101);
+  CHECK(r.nlisteners == 1 && strcmp(r.listeners[0].name, "x1") == 0 && secret_is(r.listeners[0].secrets[0], SECRET_B));
+  /* The kept strings are the new config's own copies. */
+  CHECK(r.admin != c.admin && r.tunnel_allowed_fronts != c.tunnel_allowed_fronts);
+  mtp_config_free(&c);
+  /* And back to set 0: the restart-only values now match the kept ones, so nothing is reported. */
+  struct mtp_config r2;
+  variant_json(0, text, sizeof(text));
+  rewrite(path, text);
+  CHECK_MSG(mtp_config_reload(&r, &r2, err, sizeof(err)) == MTP_OK, "%s", err);
+  CHECK_MSG(strcmp(err, "") == 0, "%s", err);
+  CHECK(r2.fronting_mode == MTP_FRONTING_HOST && strcmp(r2.fronting_host, "127.0.0.1") == 0 && !r2.has_ad_tag);
+  mtp_config_free(&r2);
+  /* One key: singular wording. */
+  variant_json(0, text, sizeof(text));
+  char *w = strstr(text, "\"workers\": 1,");
+  CHECK(w != NULL);
+  w[11] = '5';
+  rewrite(path, text);
+  CHECK_MSG(mtp_config_reload(&r, &r2, err, sizeof(err)) == MTP_OK, "%s", err);
+  CHECK_MSG(strcmp(err, "workers changed; it keeps its old value until a restart") == 0, "%s", err);
+  CHECK(r2.workers == 1);
+  mtp_config_free(&r2);
+  mtp_config_free(&r);
+  unlink(path);
+  free(path);
+}
+
+/* replay_max_age belongs to the running replay cache: a reload keeps it, and a tls_clock_skew it
+ * cannot cover is refused, naming both keys. */
+static void test_reload_replay_age(void) {
+  char err[512] = "", want[600];
+  struct mtp_config c, r;
+  char *path = write_temp("{\"tls_clock_skew\": 600, \"listeners\": [{\"listen\": \"127.0.0.1:0\", \"secrets\": [\"" SECRET_A
+                          "\"]}]}");
+  const char *argv[] = {"--config", path, NULL};
+  CHECK_MSG(load(argv, &c, err, sizeof(err)) == MTP_OK, "%s", err);
+  CHECK(c.replay_max_age == 1200);
+  /* A smaller skew: applied; the cache keeps its longer age, which is reported. */
+  rewrite(path, "{\"tls_clock_skew\": 300, \"listeners\": [{\"listen\": \"127.0.0.1:0\", \"secrets\": [\"" SECRET_A
+                "\"]}]}");
+  CHECK_MSG(mtp_config_reload(&c, &r, err, sizeof(err)) == MTP_OK, "%s", err);
+  CHECK(r.tls_clock_skew == 300 && r.replay_max_age == 1200);
+  CHECK_MSG(strcmp(err, "replay_max_age changed; it keeps its old value until a restart") == 0, "%s", err);
+  mtp_config_free(&r);
+  /* The largest skew the cache covers. */
+  rewrite(path, "{\"tls_clock_skew\": 600, \"replay_max_age\": 1200, \"listeners\": [{\"listen\": \"127.0.0.1:0\","
+                " \"secrets\": [\"" SECRET_A "\"]}]}");
+  CHECK_MSG(mtp_config_reload(&c, &r, err, sizeof(err)) == MTP_OK && err[0] == '\0', "%s", err);
+  mtp_config_free(&r);
+  /* A larger skew needs a longer age than the cache has. */
+  rewrite(path, "{\"tls_clock_skew\": 700, \"listeners\": [{\"listen\": \"127.0.0.1:0\", \"secrets\": [\"" SECRET_A
+                "\"]}]}");
+  snprintf(want, sizeof(want),
+           "%s: tls_clock_skew: 700 would need replay_max_age >= 1400, but the running replay cache keeps "
+           "handshakes for 1200 s until a restart (keep tls_clock_skew <= 600, or restart)",
+           path);
+  reload_fails(&c, want);
+  /* ... even when the new file raises replay_max_age to match: the cache's age is fixed. */
+  rewrite(path, "{\"tls_clock_skew\": 700, \"replay_max_age\": 5000, \"listeners\": [{\"listen\": \"127.0.0.1:0\","
+                " \"secrets\": [\"" SECRET_A "\"]}]}");
+  reload_fails(&c, want);
+  mtp_config_free(&c);
+  /* A cache started with a long age covers a larger skew. */
+  rewrite(path, "{\"tls_clock_skew\": 600, \"replay_max_age\": 5000, \"listeners\": [{\"listen\": \"127.0.0.1:0\","
+                " \"secrets\": [\"" SECRET_A "\"]}]}");
+  CHECK_MSG(load(argv, &c, err, sizeof(err)) == MTP_OK, "%s", err);
+  rewrite(path, "{\"tls_clock_skew\": 2500, \"replay_max_age\": 5000, \"listeners\": [{\"listen\": \"127.0.0.1:0\","
+                " \"secrets\": [\"" SECRET_A "\"]}]}");
+  CHECK_MSG(mtp_config_reload(&c, &r, err, sizeof(err)) == MTP_OK && err[0] == '\0', "%s", err);
+  CHECK(r.tls_clock_skew == 2500 && r.replay_max_age == 5000);
+  mtp_config_free(&r);
+  mtp_config_free(&c);
+  unlink(path);
+  free(path);
+}
+
+/* Which listener of a new config may keep an old listener's socket. */
+static void test_same_socket(void) {
+  struct mtp_listener_conf a, b;
+  memset(&a, 0, sizeof(a));
+  memset(&b, 0, sizeof(b));
+  char na[] = "main", nb[] = "main", other[] = "other";
+  a.name = na;
+  b.name = nb;
+  CHECK(mtp_parse_addr_port("127.0.0.1:443", &a.addr) == MTP_OK && mtp_parse_addr_port("127.0.0.1:443", &b.addr) == MTP_OK);
+  CHECK(mtp_listener_conf_same_socket(&a, &b));
+  b.nsecrets = 3; /* secrets, tags, protocols and domains do not matter */
+  b.allowed_protocols = MTP_ALLOW_FAKE_TLS;
+  CHECK(mtp_listener_conf_same_socket(&a, &b));
+  b.name = other;
+  CHECK(!mtp_listener_conf_same_socket(&a, &b));
+  b.name = nb;
+  CHECK(mtp_parse_addr_port("127.0.0.1:444", &b.addr) == MTP_OK && !mtp_listener_conf_same_socket(&a, &b));
+  CHECK(mtp_parse_addr_port("127.0.0.2:443", &b.addr) == MTP_OK && !mtp_listener_conf_same_socket(&a, &b));
+  CHECK(mtp_parse_addr_port("[::ffff:127.0.0.1]:443", &b.addr) == MTP_OK && !mtp_listener_conf_same_socket(&a, &b));
+  /* Port 0 on both: the socket (and the port the OS chose) is kept. */
+  CHECK(mtp_parse_addr_port("127.0.0.1:0", &a.addr) == MTP_OK && mtp_parse_addr_port("127.0.0.1:0", &b.addr) == MTP_OK);
+  CHECK(mtp_listener_conf_same_socket(&a, &b));
+  CHECK(mtp_parse_addr_port("127.0.0.1:443", &b.addr) == MTP_OK && !mtp_listener_conf_same_socket(&a, &b));
+  CHECK(mtp_parse_addr_port("[::1]:0", &a.addr) == MTP_OK && mtp_parse_addr_port("[::1]:0", &b.addr) == MTP_OK);
+  CHECK(mtp_listener_conf_same_socket(&a, &b));
+  CHECK(mtp_parse_addr_port("[::]:0", &b.addr) == MTP_OK && !mtp_listener_conf_same_socket(&a, &b));
+}
+
 /* Allocation failure: fail the Nth allocation for every N until a load succeeds. Each run must
  * return MTP_OK or MTP_ENOMEM ("out of memory") and leave nothing allocated. */
 static long fail_at = -1, alloc_count, live;
@@ -1149,7 +1488,48 @@ static void test_alloc_failures(void) {
     CHECK_MSG(live == 0, "n=%ld: %ld allocations leaked", n, live);
   }
   CHECK(succeeded);
+
+  /* The same for a reload onto a changed file: a failed reload frees everything it made and
+   * leaves *out untouched. Every restart-only key differs, so all of them are copied from old. */
+  struct mtp_config old;
+  char err[512] = "", text[4096];
+  variant_json(0, text, sizeof(text));
+  char *path2 = write_temp(text);
+  const char *argv2[] = {"--config", path2, NULL};
+  fail_at = -1;
+  live = 0;
+  CHECK_MSG(load(argv2, &old, err, sizeof(err)) == MTP_OK, "%s", err);
+  long live_old = live;
+  variant_json(1, text, sizeof(text));
+  rewrite(path2, text);
+  succeeded = false;
+  for (long n = 0; n < 1000 && !succeeded; n++) {
+    struct mtp_config out;
+    unsigned char sentinel[sizeof(out)];
+    memset(&out, 0x5a, sizeof(out));
+    memset(sentinel, 0x5a, sizeof(sentinel));
+    fail_at = n;
+    alloc_count = 0;
+    int rc = mtp_config_reload(&old, &out, err, sizeof(err));
+    if (rc == MTP_OK) {
+      succeeded = true;
+      CHECK_MSG(strstr(err, "workers, ") == err && strstr(err, "tunnel_allowed_fronts changed") != NULL, "%s", err);
+      CHECK(out.ntunnel_allowed_fronts == 1 && strcmp(out.tunnel_allowed_fronts[0], "f0") == 0);
+      CHECK(strcmp(out.listeners[0].name, "x1") == 0 && strcmp(out.tables_file, "/t0") == 0);
+      mtp_config_free(&out);
+    } else {
+      CHECK_MSG(rc == MTP_ENOMEM && strcmp(err, "out of memory") == 0, "n=%ld rc=%d err=%s", n, rc, err);
+      CHECK(memcmp(&out, sentinel, sizeof(out)) == 0);
+    }
+    CHECK_MSG(live == live_old, "n=%ld: %ld allocations leaked", n, live - live_old);
+  }
+  CHECK(succeeded);
+  fail_at = -1;
+  mtp_config_free(&old);
+  CHECK(live == 0);
   mtp_replace_allocator(malloc, realloc, calloc, free);
+  unlink(path2);
+  free(path2);
   unlink(path);
   free(path);
 }
@@ -1169,6 +1549,13 @@ int main(void) {
   test_tls_domains();
   test_policy();
   test_examples();
+  test_reload_argv();
+  test_reload_edit();
+  test_reload_invalid();
+  test_reload_flags_only();
+  test_reload_restart_only();
+  test_reload_replay_age();
+  test_same_socket();
   test_alloc_failures();
   return check_report();
 }
