@@ -4,10 +4,15 @@
  * A client session: accept -> read the 64-byte obfuscated2 header (handshake timeout) ->
  * try the listener's secrets -> check allowed_protocols -> open a link stream -> relay packets
  * (idle timeout) -> close. A failed handshake gets no reply at all and is counted by reason.
+ * On a fake-TLS listener a ClientHello comes first (checked, answered with a ServerHello) and
+ * the obfuscated2 stream then travels in TLS records; a connection that fails the fake-TLS
+ * checks is handed to domain fronting (front/fronting.h), created per worker here when
+ * cfg->fronting_mode is not off and some listener has fake-TLS domains. See session.h.
  */
 #ifndef MTP_FRONT_H
 #define MTP_FRONT_H
 
+#include <stdatomic.h>
 #include <uv.h>
 
 #include "config.h"
@@ -37,6 +42,37 @@ struct mtp_front_shared {
 };
 
 /*
+ * Configuration generations (reload, cmd/reload.h).
+ *
+ * The configuration a worker starts with (mtp_front_worker_setup's cfg) is generation 0: the
+ * worker borrows it and it must outlive the worker. Each reload makes a new generation on the
+ * heap and hands it to every worker with mtp_front_worker_reconfigure. A generation is counted:
+ * whoever makes it holds the first reference; each worker holds one on its current generation;
+ * each session holds one on the generation it was accepted under (its listener conf lives in
+ * it) until the session is freed. The last mtp_front_gen_release calls _free, on whichever
+ * thread that is (a worker thread when the last old session ends there). Taking and dropping a
+ * reference is one atomic add; nothing on the packet path touches it.
+ *
+ *   made (refs 1) ─► each worker switches to it (+1 each) ─► sessions accepted (+1 each)
+ *   next reload: the maker and the workers drop theirs ─► the last old session ends ─► _free
+ */
+struct mtp_front_gen {
+  const struct mtp_config *cfg;               /* borrows: valid while the generation lives */
+  const struct sockaddr_storage *bound_addrs; /* borrows: cfg->listeners' concrete addresses */
+  unsigned long id;                           /* 1, 2, ... for logs */
+  atomic_long _refs;
+  void (*_free)(struct mtp_front_gen *g); /* frees cfg, bound_addrs and g; NULL = never freed */
+};
+
+/* Sets the fields; the caller holds the one reference. Cannot fail. */
+void mtp_front_gen_init(struct mtp_front_gen *g, const struct mtp_config *cfg,
+                        const struct sockaddr_storage *bound_addrs, unsigned long id,
+                        void (*free_fn)(struct mtp_front_gen *g));
+/* Takes / drops a reference; any thread; NULL-safe. The last release calls g->_free. */
+void mtp_front_gen_hold(struct mtp_front_gen *g);
+void mtp_front_gen_release(struct mtp_front_gen *g);
+
+/*
  * Starts the worker's listeners on loop: for each cfg->listeners[i], a socket with
  * SO_REUSEPORT bound to bound_addrs[i] (the concrete address the main thread reserved; same
  * order as cfg->listeners). Clients' packets go to `link`. cfg and link are borrowed and
@@ -46,8 +82,34 @@ int mtp_front_worker_setup(struct mtp_front_worker **out, const struct mtp_confi
                            const struct sockaddr_storage *bound_addrs, uv_loop_t *loop, struct mtp_link *link,
                            int index, const struct mtp_front_shared *shared);
 
+/*
+ * Switches the worker to generation g (reload). Worker's thread; takes its own reference on g
+ * and drops the one on the generation it leaves. For each listener of g->cfg:
+ *   - one that keeps its socket (mtp_listener_conf_same_socket with a listener the worker has
+ *     open) keeps listening on it, and the clients it accepts from now on get g's listener
+ *     conf (secrets, ad_tag, protocols, tls_domains) and g's global settings;
+ *   - a new one is opened on g->bound_addrs[i] with SO_REUSEPORT, as at setup;
+ * and every listener the worker has open that is not in g->cfg is closed (connections still
+ * waiting in its accept queue are lost; sessions it accepted go on until they end).
+ * Sessions keep the generation they were accepted under for their whole life (timeouts,
+ * secrets, fake-TLS settings, ad_tag). Domain fronting follows g at once (it is created here if
+ * g is the first generation that needs it). After mtp_front_worker_stop_accepting (drain) no
+ * listener is opened. Returns MTP_OK, or the error of the first new listener that could not be
+ * opened (logged, naming it; this worker then does not serve it, the rest is applied).
+ */
+int mtp_front_worker_reconfigure(struct mtp_front_worker *w, struct mtp_front_gen *g);
+/* The generation the worker is on: NULL while it is on the one it was set up with. */
+struct mtp_front_gen *mtp_front_worker_gen(const struct mtp_front_worker *w);
+/* The number of listening sockets the worker has open; for tests and logs. Worker's thread. */
+size_t mtp_front_worker_nlisteners(const struct mtp_front_worker *w);
+
 /* Stops accepting and closes every client and listener (asynchronously). Worker's thread. */
 void mtp_front_worker_stop(struct mtp_front_worker *w);
+/* Drain: closes the listeners only (new connections are refused from here on) and leaves the
+ * sessions running. Idempotent; mtp_front_worker_stop later closes the rest. Worker's thread. */
+void mtp_front_worker_stop_accepting(struct mtp_front_worker *w);
+/* Client sessions not yet freed (any state, handshake included). Worker's thread. */
+size_t mtp_front_worker_nclients(const struct mtp_front_worker *w);
 /* Frees; after the loop has finished. NULL-safe. */
 void mtp_front_worker_free(struct mtp_front_worker *w);
 

@@ -34,7 +34,9 @@
 /* Per-worker fronting state (all fronted connections of one loop). */
 struct mtp_fronting;
 
-/* Creates it on loop. cfg and shared are borrowed and outlive it. */
+/* Creates it on loop (also caches the interface addresses for the loop check). cfg is borrowed
+ * and outlives it; *shared is copied (the addresses it points to are borrowed). Returns
+ * MTP_OK or MTP_ENOMEM. */
 int mtp_fronting_setup(struct mtp_fronting **out, uv_loop_t *loop, const struct mtp_config *cfg,
                        const struct mtp_front_shared *shared);
 
@@ -44,15 +46,23 @@ int mtp_fronting_setup(struct mtp_fronting **out, uv_loop_t *loop, const struct 
  * ClientHello's SNI (lower-cased; NULL when the client sent no parsable hello), used as the
  * host in MTP_FRONTING_SNI mode (no SNI there: the connection is closed). pre[0..prelen) are
  * the client's bytes already read (copied). log_id/peer/listener are for log lines.
- * Returns MTP_OK (in progress), or an error with fd closed: MTP_EDISABLED (fronting off),
- * MTP_ENOMEM, MTP_EINVAL. Never calls back into the caller.
+ * Returns MTP_OK (in progress), or an error with fd closed (or closing with a handle that
+ * already owns it): MTP_EDISABLED (fronting off, or stopping), MTP_EINVAL (SNI mode without
+ * SNI, no host configured), MTP_ENOMEM, or a libuv error (the socket could not be opened or
+ * the resolution could not start). Every error but MTP_EDISABLED counts MTP_M_FRONTED_FAILED,
+ * as do the failures after MTP_OK (resolution, loop refused, connect refused or timed out).
+ * Never calls back into the caller.
  */
 int mtp_fronting_start(struct mtp_fronting *f, uv_os_sock_t fd, const char *sni, const uint8_t *pre,
                        size_t prelen, unsigned long long log_id, const char *peer, const char *listener);
 
-/* True when addr (with port) is one of the proxy's own listening endpoints: a bound listener
- * address, a local interface address or the public address on a listener's port. Pure enough
- * for tests: it reads the interface list through libuv. */
+/*
+ * True (1) when a connect to addr (with port) would reach one of the proxy's listeners: addr
+ * is a listener's bound address and port; or its port is that of a listener bound to the
+ * wildcard address of addr's family (listeners are V6ONLY) and addr is loopback, unspecified
+ * or an address of a local interface (cached at setup); or addr is one of shared->public_addrs
+ * on any listener's port. A v4-mapped IPv6 address counts as IPv4. Any thread; no I/O.
+ */
 int mtp_fronting_is_self(const struct mtp_fronting *f, const struct sockaddr *addr);
 
 /* Closes every fronted connection and the resolver requests; asynchronous. */

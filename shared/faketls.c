@@ -893,3 +893,34 @@ int mtp_faketls_answer_check(const uint8_t secret[16], const uint8_t client_rand
     return MTP_EBADSECRET;
   return (int)off;
 }
+
+/* ---------------------------------------------------------------------------------------- */
+/* Per-SNI derived secrets */
+
+void mtp_faketls_derive_secret(const uint8_t base[16], const char *salt, const char *domain, uint8_t out[16]) {
+  char hex[33];
+  mtp_hex_encode(base, 16, hex); /* lower case, as mtproto_proxy's hex/1 */
+  mbedtls_sha256_context c;
+  mbedtls_sha256_init(&c);
+  mbedtls_sha256_starts_ret(&c, 0);
+  mbedtls_sha256_update_ret(&c, (const unsigned char *)salt, strlen(salt));
+  mbedtls_sha256_update_ret(&c, (const unsigned char *)hex, 32);
+  /* The domain lower-cased (ASCII), fed in pieces so no copy of it is needed. */
+  uint8_t piece[64];
+  size_t n = 0;
+  for (const char *p = domain; *p != '\0'; p++) {
+    char ch = *p;
+    piece[n++] = (uint8_t)(ch >= 'A' && ch <= 'Z' ? ch - 'A' + 'a' : ch);
+    if (n == sizeof piece) {
+      mbedtls_sha256_update_ret(&c, piece, n);
+      n = 0;
+    }
+  }
+  mbedtls_sha256_update_ret(&c, piece, n);
+  uint8_t d[32];
+  mbedtls_sha256_finish_ret(&c, d);
+  mbedtls_sha256_free(&c);
+  memcpy(out, d, 16);
+  mtp_wipe(d, sizeof d);
+  mtp_wipe(hex, sizeof hex);
+}

@@ -37,7 +37,9 @@ static void require(bool ok, const char *what) {
   exit(1);
 }
 
-void he_start(const char *workers) {
+void he_start(const char *workers) { he_start_args(workers, NULL); }
+
+void he_start_args(const char *workers, const char *const *extra) {
   const char *bin = h_mtproxy_bin();
   require(bin != NULL, "MTPROXY_BIN is not set");
   uint8_t proxy_secret[128];
@@ -48,9 +50,18 @@ void he_start(const char *workers) {
   char sp[256], cp[256];
   require(h_write_middle_files(h_env.dir, proxy_secret, sizeof(proxy_secret), (uint16_t)fport, sp, cp) == 0,
           "cannot write the Telegram config files");
-  char *argv[] = {(char *)bin, "--listen", "127.0.0.1:0", "--secret", (char *)k_secret_hex, "--proxy-secret", sp,
-                  "--proxy-config", cp, "--admin", "127.0.0.1:0", "--workers", (char *)workers, "--log-level",
-                  "info", NULL};
+  char *std[] = {(char *)bin, "--listen", "127.0.0.1:0", "--secret", (char *)k_secret_hex, "--proxy-secret", sp,
+                 "--proxy-config", cp, "--admin", "127.0.0.1:0", "--workers", (char *)workers, "--log-level",
+                 "info"};
+  char *argv[sizeof(std) / sizeof(std[0]) + 32 + 1];
+  size_t n = 0;
+  for (size_t i = 0; i < sizeof(std) / sizeof(std[0]); i++)
+    argv[n++] = std[i];
+  for (size_t i = 0; extra != NULL && extra[i] != NULL; i++) {
+    require(i < 32, "too many extra flags");
+    argv[n++] = (char *)extra[i];
+  }
+  argv[n] = NULL;
   require(h_spawn(&h_env.proc, argv) == 0, "cannot start mtproxy");
   require(h_wait_listener(&h_env.proc, "l0", &h_env.port, 30000) == 0, "mtproxy did not announce listener l0");
   require(h_wait_admin(&h_env.proc, &h_env.admin, 30000) == 0, "mtproxy did not announce its admin endpoint");

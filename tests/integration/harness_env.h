@@ -30,6 +30,9 @@ extern struct h_env h_env;
 
 /* Starts the fake and mtproxy with --workers `workers`; on any error prints it, cleans up and exits 1. */
 void he_start(const char *workers);
+/* The same with more mtproxy flags after the standard ones (NULL-terminated; NULL = none),
+ * e.g. {"--tls-domain", "example.com", NULL}; a flag given twice takes the later value. */
+void he_start_args(const char *workers, const char *const *extra);
 /* Dumps the proxy's log, stops it, frees the fake, removes temp files. Idempotent. */
 void he_cleanup(void);
 /* Stops the proxy (must exit 0), waits until the fake has no RPC connection open, frees all.

@@ -5,6 +5,14 @@
  *
  *   tclient --host H --port P --secret HEX32 [--proto abridged|intermediate|secure] [--dc N]
  *           [--size BYTES] [--count N] [--quickack] [--encrypted] [--check-token] [--timeout MS]
+ *           [--sni DOMAIN] [--hello classic|pq] [--time-offset SECONDS] [--record-max BYTES]
+ *           [--split-hello]
+ *
+ * Fake-TLS: a secret in the link form ee + HEX32 + hex(domain), or --sni DOMAIN, makes the
+ * client speak fake-TLS with that SNI (--sni wins over the secret's domain). --hello picks the
+ * ClientHello (classic 517 bytes, or pq with a post-quantum key share), --time-offset shifts
+ * its timestamp from now, --record-max caps the payload of each record we send, and
+ * --split-hello sends the hello in two pieces.
  *
  * Packets look like unencrypted auth messages (req_pq_multi), or with --encrypted like
  * encrypted messages (random non-zero auth_key_id); see tc_make_packet for the sizes the
@@ -17,6 +25,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "alloc.h"
 #include "crypto.h"
@@ -28,7 +37,9 @@
 static void usage(void) {
   fprintf(stderr,
           "usage: tclient --host H --port P --secret HEX32 [--proto abridged|intermediate|secure] [--dc N]\n"
-          "               [--size BYTES] [--count N] [--quickack] [--encrypted] [--check-token] [--timeout MS]\n");
+          "               [--size BYTES] [--count N] [--quickack] [--encrypted] [--check-token] [--timeout MS]\n"
+          "               [--sni DOMAIN] [--hello classic|pq] [--time-offset SECONDS] [--record-max BYTES]\n"
+          "               [--split-hello]\n");
   exit(2);
 }
 
@@ -37,6 +48,10 @@ int main(int argc, char **argv) {
   int port = 0, dc = 2, count = 1, timeout_ms = 5000;
   size_t size = 64;
   bool quickack = false, encrypted = false, check_token = false;
+  const char *sni = NULL, *hello_s = "classic";
+  long time_offset = 0;
+  struct tc_tls tls;
+  memset(&tls, 0, sizeof(tls));
   for (int i = 1; i < argc; i++) {
     const char *a = argv[i];
     bool has = i + 1 < argc;
@@ -62,6 +77,16 @@ int main(int argc, char **argv) {
       encrypted = true;
     else if (!strcmp(a, "--quickack"))
       quickack = true;
+    else if (!strcmp(a, "--sni") && has)
+      sni = argv[++i];
+    else if (!strcmp(a, "--hello") && has)
+      hello_s = argv[++i];
+    else if (!strcmp(a, "--time-offset") && has)
+      time_offset = strtol(argv[++i], NULL, 10);
+    else if (!strcmp(a, "--record-max") && has)
+      tls.record_max = (size_t)strtoul(argv[++i], NULL, 10);
+    else if (!strcmp(a, "--split-hello"))
+      tls.split_hello = true;
     else
       usage();
   }
@@ -81,10 +106,29 @@ int main(int argc, char **argv) {
   uint8_t secret[16];
   if (mtp_hex_decode(key_hex, secret, sizeof(secret)) != 16)
     usage();
+  /* ee + key + hex(domain): the domain is the SNI unless --sni says otherwise. */
+  char domain[MTP_FAKETLS_MAX_HOST + 1];
+  if (!strncmp(secret_hex, "ee", 2) && strlen(secret_hex) > 34 && sni == NULL) {
+    const char *dh = secret_hex + 34;
+    int dl = mtp_hex_decode(dh, (uint8_t *)domain, sizeof(domain) - 1);
+    if (dl <= 0)
+      usage();
+    domain[dl] = '\0';
+    sni = domain;
+  }
+  if (!strcmp(hello_s, "classic"))
+    tls.kind = MTP_FAKETLS_KIND_CLASSIC;
+  else if (!strcmp(hello_s, "pq"))
+    tls.kind = MTP_FAKETLS_KIND_PQ;
+  else
+    usage();
+  tls.sni = sni;
+  tls.timestamp = (uint32_t)((long)time(NULL) + time_offset);
 
   struct tclient c;
   tc_init(&c);
-  int rc = tc_connect(&c, host, (uint16_t)port, secret, proto, (int16_t)dc, timeout_ms);
+  int rc = sni != NULL ? tc_connect_tls(&c, host, (uint16_t)port, secret, &tls, proto, (int16_t)dc, timeout_ms)
+                       : tc_connect(&c, host, (uint16_t)port, secret, proto, (int16_t)dc, timeout_ms);
   if (rc != MTP_OK) {
     fprintf(stderr, "tclient: connect failed: %s\n", mtp_strerror(rc));
     return 1;
@@ -133,7 +177,7 @@ int main(int argc, char **argv) {
   mtp_free(pkt);
   tc_close(&c);
   if (failures == 0)
-    fprintf(stderr, "tclient: %d packet(s) of %zu bytes echoed over %s to dc %d%s: OK\n", count, size,
-            mtp_proto_name(proto), dc, quickack ? " with quick acks" : "");
+    fprintf(stderr, "tclient: %d packet(s) of %zu bytes echoed over %s%s to dc %d%s: OK\n", count, size,
+            sni != NULL ? "fake-TLS + " : "", mtp_proto_name(proto), dc, quickack ? " with quick acks" : "");
   return failures ? 1 : 0;
 }

@@ -133,9 +133,148 @@ int tc_connect(struct tclient *c, const char *host, uint16_t port, const uint8_t
   return rc;
 }
 
+/* Obfuscates data and sends it in records (fake-TLS), after a CCS if ccs. */
+static int send_records(struct tclient *c, const uint8_t *data, size_t len, bool ccs) {
+  static const uint8_t ccs_rec[6] = {0x14, 0x03, 0x03, 0x00, 0x01, 0x01};
+  size_t max = c->_rec_max ? c->_rec_max : MTP_FAKETLS_MAX_PAYLOAD;
+  uint8_t *plain = mtp_malloc(len + 1);
+  size_t wl = (ccs ? sizeof(ccs_rec) : 0) + mtp_faketls_wrap_len(len, max);
+  uint8_t *wire = mtp_malloc(wl + 1);
+  if (plain == NULL || wire == NULL) {
+    mtp_free(plain);
+    mtp_free(wire);
+    return MTP_ENOMEM;
+  }
+  mtp_aes_ctr_crypt(&c->_obf.tx, data, plain, len);
+  size_t w = 0;
+  if (ccs) {
+    memcpy(wire, ccs_rec, sizeof(ccs_rec));
+    w = sizeof(ccs_rec);
+  }
+  mtp_faketls_wrap(plain, len, max, wire + w);
+  int rc = send_all(c->fd, wire, wl);
+  mtp_free(plain);
+  mtp_free(wire);
+  return rc;
+}
+
+/* Reads the server's answer to the hello (within deadline) and checks it; bytes after it are
+ * the server's first records and are kept. */
+static int read_answer(struct tclient *c, const uint8_t secret[16], int64_t deadline) {
+  size_t cap = 2 * (MTP_FAKETLS_MAX_RECORD_PAYLOAD + 64), len = 0;
+  uint8_t *buf = mtp_malloc(cap);
+  if (buf == NULL)
+    return MTP_ENOMEM;
+  int rc;
+  for (;;) {
+    rc = mtp_faketls_answer_check(secret, c->hello + MTP_FAKETLS_RANDOM_OFFSET, buf, len);
+    if (rc != MTP_AGAIN)
+      break;
+    struct pollfd p = {.fd = c->fd, .events = POLLIN};
+    int n = poll(&p, 1, remaining(deadline));
+    if (n < 0 && errno == EINTR)
+      continue;
+    if (n == 0) {
+      rc = MTP_ETIMEDOUT;
+      break;
+    }
+    ssize_t r = n < 0 ? -1 : recv(c->fd, buf + len, cap - len, 0);
+    if (r < 0 && errno == EINTR)
+      continue;
+    if (r <= 0) {
+      rc = MTP_ECLOSED;
+      break;
+    }
+    len += (size_t)r;
+    if (len == cap) {
+      rc = MTP_EPROTO;
+      break;
+    }
+  }
+  if (rc > 0) {
+    size_t off = 5 + (((size_t)buf[3] << 8) | buf[4]) + 6;
+    c->flight_len = ((size_t)buf[off + 3] << 8) | buf[off + 4];
+    size_t rest = len - (size_t)rc;
+    if (rest > 0) {
+      /* The server spoke first after its answer (it never does today); keep its bytes. */
+      c->_in = mtp_malloc(131072 > rest ? 131072 : rest);
+      if (c->_in == NULL) {
+        mtp_free(buf);
+        return MTP_ENOMEM;
+      }
+      c->_in_cap = 131072 > rest ? 131072 : rest;
+      size_t plain = 0;
+      if (mtp_faketls_rx_feed(&c->_rx, buf + rc, rest, c->_in, &plain) < 0) {
+        mtp_free(buf);
+        return MTP_EPROTO;
+      }
+      mtp_aes_ctr_crypt(&c->_obf.rx, c->_in, c->_in, plain);
+      c->_in_len = plain;
+    }
+    rc = MTP_OK;
+  }
+  mtp_free(buf);
+  return rc;
+}
+
+int tc_connect_tls(struct tclient *c, const char *host, uint16_t port, const uint8_t *secret, const struct tc_tls *tls,
+                   enum mtp_proto proto, int16_t dc, int timeout_ms) {
+  if ((proto != MTP_PROTO_ABRIDGED && proto != MTP_PROTO_INTERMEDIATE && proto != MTP_PROTO_PADDED) ||
+      secret == NULL || tls == NULL || tls->sni == NULL)
+    return MTP_EINVAL;
+  tc_close(c);
+  tc_init(c);
+  int64_t deadline = now_ms() + timeout_ms;
+  uint32_t ts = tls->timestamp ? tls->timestamp : (uint32_t)time(NULL);
+  int n = mtp_faketls_client_hello(secret, tls->sni, ts, tls->kind, c->hello, sizeof(c->hello));
+  if (n < 0)
+    return n;
+  c->hello_len = (size_t)n;
+  int fd = connect_bounded(host, port, timeout_ms);
+  if (fd < 0)
+    return fd;
+  c->fd = fd;
+  c->proto = proto;
+  c->tls = true;
+  c->_rec_max = tls->record_max;
+  mtp_faketls_rx_init(&c->_rx);
+  uint8_t hdr[MTP_OBF2_HEADER_LEN];
+  int rc = mtp_obf2_connect(&c->_obf, secret, proto, dc, hdr);
+  if (rc != MTP_OK) {
+    tc_close(c);
+    return rc;
+  }
+  mtp_frame_dec_init(&c->_dec, proto);
+  size_t cut = tls->split_hello ? 77 : c->hello_len;
+  rc = send_all(fd, c->hello, cut);
+  if (rc == MTP_OK && cut < c->hello_len) /* TCP_NODELAY: two segments */
+    rc = send_all(fd, c->hello + cut, c->hello_len - cut);
+  if (rc == MTP_OK)
+    rc = read_answer(c, secret, deadline);
+  if (rc == MTP_OK) {
+    /* The header is ready to send as it is (bytes 56..63 already encrypted): it goes in
+     * records of its own, not through send_records, which would encrypt it again. */
+    size_t max = c->_rec_max ? c->_rec_max : MTP_FAKETLS_MAX_PAYLOAD;
+    static const uint8_t ccs_rec[6] = {0x14, 0x03, 0x03, 0x00, 0x01, 0x01};
+    uint8_t wire[6 + MTP_OBF2_HEADER_LEN + MTP_OBF2_HEADER_LEN * MTP_FAKETLS_RECORD_HEADER];
+    size_t w = 0;
+    if (!tls->no_ccs) {
+      memcpy(wire, ccs_rec, sizeof(ccs_rec));
+      w = sizeof(ccs_rec);
+    }
+    w += mtp_faketls_wrap(hdr, sizeof(hdr), max, wire + w);
+    rc = send_all(fd, wire, w);
+  }
+  if (rc != MTP_OK)
+    tc_close(c);
+  return rc;
+}
+
 int tc_send_raw(struct tclient *c, const uint8_t *data, size_t len) {
   if (c->fd < 0)
     return MTP_ECLOSED;
+  if (c->tls)
+    return len > 0 ? send_records(c, data, len, false) : MTP_OK;
   uint8_t chunk[4096];
   while (len > 0) {
     size_t n = len < sizeof(chunk) ? len : sizeof(chunk);
@@ -153,6 +292,18 @@ int tc_send(struct tclient *c, const uint8_t *pkt, size_t len, bool quickack) {
   uint8_t hdr[4], pad[4];
   size_t pad_len = 0;
   size_t hl = mtp_frame_header(c->proto, len, quickack, hdr, &pad_len);
+  if (c->tls) {
+    /* One write, so the records carry header, packet and padding together. */
+    uint8_t *buf = mtp_malloc(hl + len + pad_len + 1);
+    if (buf == NULL)
+      return MTP_ENOMEM;
+    memcpy(buf, hdr, hl);
+    memcpy(buf + hl, pkt, len);
+    mtp_random(buf + hl + len, pad_len);
+    int rc = tc_send_raw(c, buf, hl + len + pad_len);
+    mtp_free(buf);
+    return rc;
+  }
   int rc = tc_send_raw(c, hdr, hl);
   if (rc == MTP_OK)
     rc = tc_send_raw(c, pkt, len);
@@ -200,8 +351,15 @@ static int fill(struct tclient *c, int timeout_ms) {
   } while (r < 0 && errno == EINTR);
   if (r <= 0)
     return MTP_ECLOSED;
-  mtp_aes_ctr_crypt(&c->_obf.rx, c->_in + c->_in_len, c->_in + c->_in_len, (size_t)r);
-  c->_in_len += (size_t)r;
+  size_t got = (size_t)r;
+  if (c->tls) {
+    size_t plain = 0;
+    if (mtp_faketls_rx_feed(&c->_rx, c->_in + c->_in_len, got, c->_in + c->_in_len, &plain) < 0)
+      return MTP_EPROTO;
+    got = plain;
+  }
+  mtp_aes_ctr_crypt(&c->_obf.rx, c->_in + c->_in_len, c->_in + c->_in_len, got);
+  c->_in_len += got;
   return (int)r;
 }
 

@@ -15,6 +15,12 @@
  * The official proxy may also send a quick ack to a padded client in band: a framed packet
  * whose first word is 0xffffffff followed by the token, then a filler packet whose first
  * word is 0. tc_recv reports the former as a quick ack and skips the filler.
+ *
+ * Fake-TLS ("ee"): tc_connect_tls first sends a ClientHello made with the secret, the SNI and a
+ * timestamp, checks the server's answer (ServerHello HMAC), then sends a ChangeCipherSpec and
+ * the obfuscated2 header in an ApplicationData record; from then on everything it sends goes
+ * in records of at most tls.record_max payload bytes, and what it receives is unwrapped from
+ * records before de-obfuscation. Uses shared/faketls.h's client side.
  */
 #ifndef MTP_TCLIENT_H
 #define MTP_TCLIENT_H
@@ -23,12 +29,19 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "faketls.h"
 #include "framing.h"
 #include "obf2.h"
 
 struct tclient {
   int fd; /* owns: the socket, -1 when closed */
   enum mtp_proto proto;
+  /* fake-TLS (tc_connect_tls): the ClientHello as sent (e.g. to replay it) and the size of
+   * the fake certificate flight in the server's answer */
+  bool tls;
+  uint8_t hello[MTP_FAKETLS_CLIENT_HELLO_MAX];
+  size_t hello_len;
+  size_t flight_len;
   /* private */
   struct mtp_obf2 _obf;
   struct mtp_frame_dec _dec;
@@ -38,6 +51,18 @@ struct tclient {
   size_t _in_len, _in_off, _in_cap;
   uint8_t *_pkt;        /* owns: copy of the last packet returned by tc_recv */
   size_t _pkt_cap;
+  struct mtp_faketls_rx _rx; /* the server's records */
+  size_t _rec_max;           /* payload bytes per record we send */
+};
+
+/* How tc_connect_tls makes its handshake. */
+struct tc_tls {
+  const char *sni;                  /* 1..255 characters */
+  uint32_t timestamp;               /* the client's unix time in the hello; 0 = now */
+  enum mtp_faketls_hello_kind kind; /* classic (517 bytes) or post-quantum (~1.8 KB) hello */
+  size_t record_max;                /* payload bytes per record we send; 0 = 16384 */
+  bool split_hello;                 /* send the hello in two pieces (cut at an odd offset) */
+  bool no_ccs;                      /* no ChangeCipherSpec before the first record */
 };
 
 /* What tc_recv got. */
@@ -65,11 +90,21 @@ void tc_init(struct tclient *c);
 int tc_connect(struct tclient *c, const char *host, uint16_t port, const uint8_t *secret, enum mtp_proto proto,
                int16_t dc, int timeout_ms);
 
+/*
+ * The same over fake-TLS: connect, send the ClientHello for secret and tls, wait for the
+ * server's answer and check it, then send the header (and a CCS) in records. Returns MTP_OK,
+ * MTP_ETIMEDOUT (no complete answer in time), MTP_ECLOSED (closed without answering),
+ * MTP_EBADSECRET / MTP_EPROTO (a wrong or malformed answer), MTP_EIO or MTP_EINVAL.
+ */
+int tc_connect_tls(struct tclient *c, const char *host, uint16_t port, const uint8_t *secret, const struct tc_tls *tls,
+                   enum mtp_proto proto, int16_t dc, int timeout_ms);
+
 /* Frames, obfuscates and sends one packet (blocking until written). Abridged needs len % 4 == 0.
  * quickack sets the quick-ack request bit. Returns MTP_OK, MTP_ECLOSED or MTP_EIO. */
 int tc_send(struct tclient *c, const uint8_t *pkt, size_t len, bool quickack);
 
-/* Obfuscates and sends raw bytes as they are (no framing), e.g. to send garbage. */
+/* Obfuscates and sends raw bytes as they are (no framing), e.g. to send garbage; in records
+ * for a fake-TLS client. */
 int tc_send_raw(struct tclient *c, const uint8_t *data, size_t len);
 
 /*

@@ -27,12 +27,14 @@
 #include "config.h"
 #include "crypto.h"
 #include "err.h"
+#include "faketls.h"
 #include "framing.h"
 #include "front.h"
 #include "link.h"
 #include "log.h"
 #include "metrics.h"
 #include "obf2.h"
+#include "replay.h"
 #include "check.h"
 
 #define TOKEN(len) (0x11223344u + (uint32_t)(len))
@@ -69,6 +71,7 @@ static char last_listener[32];
 static uv_loop_t loop;
 static uv_async_t stop_async;
 static struct mtp_front_worker *worker;
+static struct mtp_front_worker *worker2; /* the per-SNI-secrets config */
 static uint8_t flood_buf[FLOOD_PKT];
 
 static void fstream_free_cb(uv_handle_t *h) {
@@ -184,6 +187,7 @@ static struct mtp_link fake_link = {.open = fake_open, .send = fake_send, .close
 
 static void on_stop_async(uv_async_t *a) {
   mtp_front_worker_stop(worker);
+  mtp_front_worker_stop(worker2);
   uv_close((uv_handle_t *)a, NULL);
 }
 
@@ -258,6 +262,17 @@ struct tc {
   bool hdr_pending;
   uint8_t *in;
   size_t in_off, in_len;
+  /* fake-TLS */
+  bool tls;
+  uint8_t secret[16];
+  uint8_t hello[MTP_FAKETLS_CLIENT_HELLO_MAX];
+  size_t hello_len;
+  bool hello_pending;  /* the hello goes out with the first data */
+  bool answer_pending; /* the server's answer has not been read yet */
+  bool ccs_pending;    /* send a ChangeCipherSpec before the first record */
+  size_t rec_max;      /* payload bytes per record we send (0 = 16384) */
+  size_t flight_len;   /* the fake certificate flight's size in the answer */
+  struct mtp_faketls_rx rx;
 };
 
 static void write_all(int fd, const uint8_t *p, size_t n, bool bytewise) {
@@ -269,7 +284,7 @@ static void write_all(int fd, const uint8_t *p, size_t n, bool bytewise) {
   }
 }
 
-static struct tc *tc_open(uint16_t port, const uint8_t *secret, enum mtp_proto proto, int16_t dc, int rcvbuf) {
+static struct tc *tc_connect(uint16_t port, int rcvbuf) {
   struct tc *c = calloc(1, sizeof(*c));
   CHECK(c != NULL);
   c->in = malloc(TC_IN_CAP);
@@ -289,6 +304,11 @@ static struct tc *tc_open(uint16_t port, const uint8_t *secret, enum mtp_proto p
   a.sin_port = htons(port);
   CHECK(connect(c->fd, (struct sockaddr *)&a, sizeof(a)) == 0);
   n_clients++;
+  return c;
+}
+
+static struct tc *tc_open(uint16_t port, const uint8_t *secret, enum mtp_proto proto, int16_t dc, int rcvbuf) {
+  struct tc *c = tc_connect(port, rcvbuf);
   c->proto = proto;
   CHECK(mtp_obf2_connect(&c->obf, secret, proto, dc, c->hdr) == MTP_OK);
   c->hdr_pending = true;
@@ -303,7 +323,8 @@ static uint16_t tc_local_port(struct tc *c) {
   return ntohs(a.sin_port);
 }
 
-/* Sends raw de-obfuscated bytes (encrypted here), preceded by the header if not sent yet. */
+/* Sends raw de-obfuscated bytes (encrypted here), preceded by the header if not sent yet.
+ * Fake-TLS: the bytes go in records of c->rec_max, after the hello and a CCS if pending. */
 static void tc_send_raw(struct tc *c, const uint8_t *data, size_t len, bool bytewise) {
   size_t off = c->hdr_pending ? MTP_OBF2_HEADER_LEN : 0;
   uint8_t *buf = malloc(off + len + 1);
@@ -313,8 +334,105 @@ static void tc_send_raw(struct tc *c, const uint8_t *data, size_t len, bool byte
   memcpy(buf + off, data, len);
   mtp_aes_ctr_crypt(&c->obf.tx, buf + off, buf + off, len);
   c->hdr_pending = false;
-  write_all(c->fd, buf, off + len, bytewise);
+  if (!c->tls) {
+    write_all(c->fd, buf, off + len, bytewise);
+    free(buf);
+    return;
+  }
+  size_t max = c->rec_max ? c->rec_max : MTP_FAKETLS_MAX_PAYLOAD;
+  size_t wl = (c->hello_pending ? c->hello_len : 0) + (c->ccs_pending ? 6 : 0) + mtp_faketls_wrap_len(off + len, max);
+  uint8_t *wire = malloc(wl + 1);
+  CHECK(wire != NULL);
+  size_t w = 0;
+  if (c->hello_pending) {
+    memcpy(wire, c->hello, c->hello_len);
+    w += c->hello_len;
+    c->hello_pending = false;
+  }
+  if (c->ccs_pending) {
+    static const uint8_t ccs[6] = {0x14, 0x03, 0x03, 0x00, 0x01, 0x01};
+    memcpy(wire + w, ccs, sizeof(ccs));
+    w += sizeof(ccs);
+    c->ccs_pending = false;
+  }
+  w += mtp_faketls_wrap(buf, off + len, max, wire + w);
+  CHECK(w == wl);
+  write_all(c->fd, wire, wl, bytewise);
+  free(wire);
   free(buf);
+}
+
+/* Decodes received bytes (records, then AES) into the input buffer. */
+static void tc_absorb(struct tc *c, uint8_t *raw, size_t n) {
+  if (c->tls) {
+    size_t plain = 0;
+    CHECK(mtp_faketls_rx_feed(&c->rx, raw, n, raw, &plain) == (int)n);
+    n = plain;
+  }
+  CHECK(c->in_len + n <= TC_IN_CAP);
+  mtp_aes_ctr_crypt(&c->obf.rx, raw, c->in + c->in_len, n);
+  c->in_len += n;
+}
+
+/* Reads the server's ServerHello + CCS + flight and checks its HMAC; anything after it is
+ * the server's records. Returns the answer's length. */
+static size_t tc_read_answer(struct tc *c) {
+  size_t cap = 40000, len = 0;
+  uint8_t *buf = malloc(cap);
+  CHECK(buf != NULL);
+  int a;
+  for (;;) {
+    a = mtp_faketls_answer_check(c->secret, c->hello + MTP_FAKETLS_RANDOM_OFFSET, buf, len);
+    if (a != MTP_AGAIN)
+      break;
+    CHECK(len < cap);
+    ssize_t r = recv(c->fd, buf + len, cap - len, 0);
+    CHECK(r > 0);
+    len += (size_t)r;
+  }
+  CHECK(a > 0);
+  size_t off = 5 + (((size_t)buf[3] << 8) | buf[4]) + 6; /* ServerHello record, CCS */
+  c->flight_len = ((size_t)buf[off + 3] << 8) | buf[off + 4];
+  CHECK(off + 5 + c->flight_len == (size_t)a);
+  c->answer_pending = false;
+  if ((size_t)a < len)
+    tc_absorb(c, buf + a, len - (size_t)a);
+  free(buf);
+  return (size_t)a;
+}
+
+enum {
+  TLS_BYTEWISE_HELLO = 1, /* the hello one byte per send */
+  TLS_HELLO_WITH_DATA = 2, /* the hello in the same write as the first records */
+  TLS_NO_ANSWER = 4,       /* the proxy must not answer: don't wait for it */
+  TLS_CCS = 8,             /* a ChangeCipherSpec before the first record, as apps send */
+};
+
+/* A fake-TLS client: hello with secret, sni and the clock off by ts_off seconds. */
+static struct tc *tc_open_tls(uint16_t port, const uint8_t *secret, const char *sni, int64_t ts_off,
+                              enum mtp_faketls_hello_kind kind, enum mtp_proto proto, int16_t dc, unsigned flags) {
+  struct tc *c = tc_connect(port, 0);
+  c->proto = proto;
+  c->tls = true;
+  memcpy(c->secret, secret, 16);
+  int n = mtp_faketls_client_hello(secret, sni, (uint32_t)((int64_t)time(NULL) + ts_off), kind, c->hello,
+                                   sizeof(c->hello));
+  CHECK(n > 0);
+  c->hello_len = (size_t)n;
+  CHECK(mtp_obf2_connect(&c->obf, secret, proto, dc, c->hdr) == MTP_OK);
+  c->hdr_pending = true;
+  c->ccs_pending = (flags & TLS_CCS) != 0;
+  mtp_frame_dec_init(&c->dec, proto);
+  mtp_faketls_rx_init(&c->rx);
+  c->answer_pending = true;
+  if (flags & TLS_HELLO_WITH_DATA) {
+    c->hello_pending = true;
+    return c;
+  }
+  write_all(c->fd, c->hello, c->hello_len, (flags & TLS_BYTEWISE_HELLO) != 0);
+  if (!(flags & TLS_NO_ANSWER))
+    tc_read_answer(c);
+  return c;
 }
 
 static void tc_send(struct tc *c, const uint8_t *pkt, size_t len, bool quickack, bool bytewise) {
@@ -335,13 +453,14 @@ static void tc_send(struct tc *c, const uint8_t *pkt, size_t len, bool quickack,
 static bool tc_fill(struct tc *c, size_t need) {
   if (c->in_off > 0 && c->in_off == c->in_len)
     c->in_off = c->in_len = 0;
+  if (c->answer_pending)
+    tc_read_answer(c);
   while (c->in_len - c->in_off < need) {
     CHECK(c->in_len < TC_IN_CAP);
     ssize_t r = recv(c->fd, c->in + c->in_len, TC_IN_CAP - c->in_len, 0);
     if (r <= 0)
       return false;
-    mtp_aes_ctr_crypt(&c->obf.rx, c->in + c->in_len, c->in + c->in_len, (size_t)r);
-    c->in_len += (size_t)r;
+    tc_absorb(c, c->in + c->in_len, (size_t)r);
   }
   return true;
 }
@@ -417,6 +536,20 @@ static void check_echo(struct tc *c, size_t len, uint8_t first, bool quickack, b
   free(back);
 }
 
+/* A client the proxy must not answer: not one byte comes back, the connection is closed at
+ * the handshake timeout (fronting is off here), and metric m moved by one. */
+static void expect_silence(struct tc *c, enum mtp_metric m, int64_t m0, const char *what) {
+  double t0 = now_s();
+  long got = tc_wait_eof(c);
+  double el = now_s() - t0;
+  if (got != 0 || metric(m) != m0 + 1)
+    fprintf(stderr, "%s: %ld bytes back, metric %lld -> %lld\n", what, got, (long long)m0, (long long)metric(m));
+  CHECK(got == 0);
+  CHECK(el < 3.0);
+  CHECK(metric(m) == m0 + 1);
+  tc_close(c);
+}
+
 /* ---- setup ---- */
 
 static const uint8_t SECRET_A[16] = {0xa1, 0xa2, 0xa3, 0xa4, 0xa5, 0xa6, 0xa7, 0xa8,
@@ -459,6 +592,19 @@ static void set_listener(struct mtp_listener_conf *l, const char *name, const ui
   l->allowed_protocols = allowed;
 }
 
+/* A list of lower-cased domains owned like the config's (mtp_config_free frees it). */
+static char **domains(const char *a, const char *b, size_t *n) {
+  char **d = mtp_calloc(2, sizeof(*d));
+  CHECK(d != NULL);
+  d[0] = mtp_strdup(a);
+  *n = 1;
+  if (b != NULL) {
+    d[1] = mtp_strdup(b);
+    *n = 2;
+  }
+  return d;
+}
+
 int main(void) {
   const char *dbg = getenv("MTP_TEST_DEBUG");
   mtp_log_level = dbg != NULL ? MTP_LOG_DEBUG : MTP_LOG_WARN;
@@ -471,9 +617,15 @@ int main(void) {
   cfg.client_send_budget = 256 * 1024;
   cfg.has_ad_tag = true;
   memset(cfg.ad_tag, 0xad, sizeof(cfg.ad_tag));
-  cfg.listeners = mtp_calloc(2, sizeof(*cfg.listeners));
+  cfg.listeners = mtp_calloc(4, sizeof(*cfg.listeners));
   CHECK(cfg.listeners != NULL);
-  cfg.nlisteners = 2;
+  cfg.nlisteners = 4;
+  /* fake-TLS: fronting off (a failed check is silence), phones' clock window */
+  cfg.fronting_mode = MTP_FRONTING_OFF;
+  cfg.tls_clock_skew = 600;
+  cfg.tls_record_size = 16384;
+  cfg.tls_flight_size = 0;
+  cfg.tls_domains = domains("global.example", NULL, &cfg.ntls_domains);
   const uint8_t l0_secrets[2][16] = {
       {0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07, 0x08, 0x09, 0x0a, 0x0b, 0x0c, 0x0d, 0x0e, 0x0f, 0x10},
       {0xa1, 0xa2, 0xa3, 0xa4, 0xa5, 0xa6, 0xa7, 0xa8, 0xa9, 0xaa, 0xab, 0xac, 0xad, 0xae, 0xaf, 0xa0}};
@@ -482,15 +634,49 @@ int main(void) {
   set_listener(&cfg.listeners[1], "l1", &SECRET_B, 1, MTP_ALLOW_ABRIDGED);
   cfg.listeners[1].has_ad_tag = true;
   memset(cfg.listeners[1].ad_tag, 0x77, 16);
+  /* l2: TLS-only with its own domains; l3: fake-TLS (global domain) or plain secure */
+  set_listener(&cfg.listeners[2], "l2", l0_secrets, 2, MTP_ALLOW_FAKE_TLS);
+  cfg.listeners[2].tls_domains = domains("example.com", "cdn.example.org", &cfg.listeners[2].ntls_domains);
+  set_listener(&cfg.listeners[3], "l3", &SECRET_B, 1, MTP_ALLOW_FAKE_TLS | MTP_ALLOW_SECURE);
 
-  struct sockaddr_storage bound[2];
-  uint16_t port0, port1;
+  /* A second worker on the same loop with per-SNI derived secrets and small records. */
+  struct mtp_config cfg2;
+  memset(&cfg2, 0, sizeof(cfg2));
+  mtp_config_defaults(&cfg2);
+  cfg2.handshake_timeout = 0.2;
+  cfg2.idle_timeout = 1.5;
+  cfg2.client_send_budget = 256 * 1024;
+  cfg2.fronting_mode = MTP_FRONTING_OFF;
+  cfg2.tls_clock_skew = 600;
+  cfg2.tls_record_size = 1000;
+  cfg2.tls_flight_size = 1234;
+  cfg2.per_sni_secrets = true;
+  cfg2.per_sni_salt = mtp_strdup("pepper");
+  cfg2.listeners = mtp_calloc(1, sizeof(*cfg2.listeners));
+  CHECK(cfg2.listeners != NULL && cfg2.per_sni_salt != NULL);
+  cfg2.nlisteners = 1;
+  set_listener(&cfg2.listeners[0], "l5", &SECRET_B, 1, MTP_ALLOW_FAKE_TLS);
+  cfg2.listeners[0].tls_domains = domains("alice.example", "bob.example", &cfg2.listeners[0].ntls_domains);
+
+  struct sockaddr_storage bound[4], bound2[1];
+  uint16_t port0, port1, port2, port3, port5;
   int rfd0 = reserve_port(&bound[0], &port0);
   int rfd1 = reserve_port(&bound[1], &port1);
+  int rfd2 = reserve_port(&bound[2], &port2);
+  int rfd3 = reserve_port(&bound[3], &port3);
+  int rfd5 = reserve_port(&bound2[0], &port5);
+
+  struct mtp_replay replay;
+  mtp_replay_init(&replay);
+  CHECK(mtp_replay_setup(&replay, 1u << 20, 1200) == MTP_OK);
+  struct mtp_front_shared shared;
+  memset(&shared, 0, sizeof(shared));
+  shared.replay = &replay;
 
   CHECK(uv_loop_init(&loop) == 0);
   CHECK(uv_async_init(&loop, &stop_async, on_stop_async) == 0);
-  CHECK(mtp_front_worker_setup(&worker, &cfg, bound, &loop, &fake_link, 0, NULL) == MTP_OK);
+  CHECK(mtp_front_worker_setup(&worker, &cfg, bound, &loop, &fake_link, 0, &shared) == MTP_OK);
+  CHECK(mtp_front_worker_setup(&worker2, &cfg2, bound2, &loop, &fake_link, 1, &shared) == MTP_OK);
   pthread_t th;
   CHECK(pthread_create(&th, NULL, loop_main, NULL) == 0);
 
@@ -683,6 +869,267 @@ int main(void) {
     tc_close(c);
   }
 
+  /* 13. Fake-TLS echo on the TLS-only l2: every framing inside, both hello kinds, both of
+   * l2's secrets and domains (SNI compared case-insensitively). */
+  {
+    static const struct {
+      enum mtp_proto proto;
+      enum mtp_metric ok;
+    } inner[] = {{MTP_PROTO_ABRIDGED, MTP_M_HS_OK_ABRIDGED},
+                 {MTP_PROTO_INTERMEDIATE, MTP_M_HS_OK_INTERMEDIATE},
+                 {MTP_PROTO_PADDED, MTP_M_HS_OK_SECURE}};
+    for (size_t i = 0; i < 3; i++) {
+      for (int kind = 0; kind < 2; kind++) {
+        int64_t tls0 = metric(MTP_M_HS_OK_FAKE_TLS), ok0 = metric(inner[i].ok);
+        const uint8_t *secret = kind ? SECRET_X : SECRET_A;
+        const char *sni = kind ? "CDN.Example.org" : "example.com";
+        struct tc *c = tc_open_tls(port2, secret, sni, 0, kind ? MTP_FAKETLS_KIND_PQ : MTP_FAKETLS_KIND_CLASSIC,
+                                   inner[i].proto, (int16_t)(i + 1), TLS_CCS);
+        CHECK(c->flight_len >= 2500 && c->flight_len <= 4600); /* nothing learnt: random */
+        check_echo(c, 8, 'e', false, false);
+        CHECK(metric(MTP_M_HS_OK_FAKE_TLS) == tls0 + 1);
+        CHECK(metric(inner[i].ok) == ok0 + 1);
+        pthread_mutex_lock(&ev_mu);
+        CHECK(last_open.proto == inner[i].proto && last_open.dc == (int16_t)(i + 1));
+        CHECK(strcmp(last_listener, "l2") == 0);
+        pthread_mutex_unlock(&ev_mu);
+        check_echo(c, 1000, 'e', false, false);
+        check_echo(c, 200000, 'e', false, false); /* many 16 KiB records each way */
+        check_echo(c, 64, 'q', true, false);      /* the quick ack travels in a record too */
+        tc_close(c);
+      }
+    }
+  }
+
+  /* 14. Hello one byte per send; hello + CCS + header + packet in one write; records of one
+   * byte of payload; the largest records a peer may send. */
+  {
+    struct tc *c = tc_open_tls(port2, SECRET_A, "example.com", 0, MTP_FAKETLS_KIND_PQ, MTP_PROTO_PADDED, 2,
+                               TLS_BYTEWISE_HELLO);
+    check_echo(c, 40, 'b', false, true);
+    tc_close(c);
+
+    c = tc_open_tls(port2, SECRET_A, "example.com", 0, MTP_FAKETLS_KIND_CLASSIC, MTP_PROTO_INTERMEDIATE, 2,
+                    TLS_HELLO_WITH_DATA | TLS_CCS);
+    check_echo(c, 300, 'w', false, false);
+    check_echo(c, 70000, 'w', false, false);
+    tc_close(c);
+
+    c = tc_open_tls(port2, SECRET_X, "example.com", 0, MTP_FAKETLS_KIND_PQ, MTP_PROTO_ABRIDGED, 2,
+                    TLS_HELLO_WITH_DATA);
+    c->rec_max = 1; /* header and packet in 1-byte records */
+    check_echo(c, 120, 'r', false, false);
+    check_echo(c, 8, 'r', true, true);
+    c->rec_max = MTP_FAKETLS_MAX_RECORD_PAYLOAD;
+    check_echo(c, 100000, 'r', false, false);
+    tc_close(c);
+  }
+
+  /* 15. The mixed l3 (fake_tls + secure, the global domain): fake-TLS with any framing
+   * inside, plain secure, no plain abridged; a plain header that starts with 0x16 is still
+   * obfuscated2. */
+  {
+    struct tc *c = tc_open_tls(port3, SECRET_B, "global.example", 0, MTP_FAKETLS_KIND_CLASSIC,
+                               MTP_PROTO_ABRIDGED, 3, TLS_CCS);
+    check_echo(c, 16, 'm', false, false);
+    tc_close(c);
+    c = tc_open(port3, SECRET_B, MTP_PROTO_PADDED, 3, 0);
+    check_echo(c, 16, 'm', false, false);
+    tc_close(c);
+    int64_t dis0 = metric(MTP_M_HS_FAIL_DISABLED);
+    c = tc_open(port3, SECRET_B, MTP_PROTO_ABRIDGED, 3, 0);
+    uint8_t p[16] = {0};
+    tc_send(c, p, sizeof(p), false, false);
+    expect_silence(c, MTP_M_HS_FAIL_DISABLED, dis0, "plain abridged on l3");
+
+    c = tc_connect(port3, 0);
+    c->proto = MTP_PROTO_PADDED;
+    int tries = 0;
+    do {
+      mtp_obf2_free(&c->obf);
+      CHECK(mtp_obf2_connect(&c->obf, SECRET_B, MTP_PROTO_PADDED, 2, c->hdr) == MTP_OK);
+      CHECK(++tries < 100000);
+    } while (c->hdr[0] != 0x16 || c->hdr[1] == 0x03);
+    c->hdr_pending = true;
+    mtp_frame_dec_init(&c->dec, MTP_PROTO_PADDED);
+    check_echo(c, 24, 'h', false, true); /* bytewise: the TLS/obf2 decision spans reads */
+    tc_close(c);
+  }
+
+  /* 16. Failed fake-TLS checks: no reply at all, counted by reason, closed at the timeout. */
+  {
+    struct tc *c;
+    int64_t m0;
+    m0 = metric(MTP_M_HS_FAIL_TLS_BAD_HMAC);
+    c = tc_open_tls(port2, SECRET_WRONG, "example.com", 0, MTP_FAKETLS_KIND_CLASSIC, MTP_PROTO_PADDED, 2,
+                    TLS_NO_ANSWER);
+    expect_silence(c, MTP_M_HS_FAIL_TLS_BAD_HMAC, m0, "bad hmac");
+    m0 = metric(MTP_M_HS_FAIL_TLS_BAD_HMAC); /* l3's secret is not valid on l2 */
+    c = tc_open_tls(port2, SECRET_B, "example.com", 0, MTP_FAKETLS_KIND_PQ, MTP_PROTO_PADDED, 2, TLS_NO_ANSWER);
+    expect_silence(c, MTP_M_HS_FAIL_TLS_BAD_HMAC, m0, "other listener's secret");
+
+    m0 = metric(MTP_M_HS_FAIL_TLS_BAD_SNI);
+    c = tc_open_tls(port2, SECRET_A, "global.example", 0, MTP_FAKETLS_KIND_CLASSIC, MTP_PROTO_PADDED, 2,
+                    TLS_NO_ANSWER); /* l2 has its own domains: the global one is not among them */
+    expect_silence(c, MTP_M_HS_FAIL_TLS_BAD_SNI, m0, "bad sni");
+    m0 = metric(MTP_M_HS_FAIL_TLS_BAD_SNI);
+    c = tc_open_tls(port2, SECRET_A, "example.com.evil", 0, MTP_FAKETLS_KIND_CLASSIC, MTP_PROTO_PADDED, 2,
+                    TLS_NO_ANSWER);
+    expect_silence(c, MTP_M_HS_FAIL_TLS_BAD_SNI, m0, "sni with a suffix");
+
+    m0 = metric(MTP_M_HS_FAIL_TLS_TIME);
+    c = tc_open_tls(port2, SECRET_A, "example.com", -700, MTP_FAKETLS_KIND_CLASSIC, MTP_PROTO_PADDED, 2,
+                    TLS_NO_ANSWER);
+    expect_silence(c, MTP_M_HS_FAIL_TLS_TIME, m0, "old timestamp");
+    m0 = metric(MTP_M_HS_FAIL_TLS_TIME);
+    c = tc_open_tls(port2, SECRET_A, "example.com", 700, MTP_FAKETLS_KIND_PQ, MTP_PROTO_PADDED, 2, TLS_NO_ANSWER);
+    expect_silence(c, MTP_M_HS_FAIL_TLS_TIME, m0, "future timestamp");
+    /* inside the window both ways */
+    c = tc_open_tls(port2, SECRET_A, "example.com", -500, MTP_FAKETLS_KIND_PQ, MTP_PROTO_PADDED, 2, 0);
+    check_echo(c, 8, 't', false, false);
+    tc_close(c);
+    c = tc_open_tls(port2, SECRET_A, "example.com", 500, MTP_FAKETLS_KIND_CLASSIC, MTP_PROTO_PADDED, 2, 0);
+    check_echo(c, 8, 't', false, false);
+
+    /* The same hello again (a probe replaying what it saw): silence, tls_replay. */
+    m0 = metric(MTP_M_HS_FAIL_TLS_REPLAY);
+    struct tc *r = tc_connect(port2, 0);
+    write_all(r->fd, c->hello, c->hello_len, false);
+    expect_silence(r, MTP_M_HS_FAIL_TLS_REPLAY, m0, "replayed hello");
+    check_echo(c, 8, 't', false, false); /* the original client is unaffected */
+    tc_close(c);
+
+    /* Not TLS on the TLS-only listener: a valid obfuscated2 client and random bytes. */
+    m0 = metric(MTP_M_HS_FAIL_NOT_TLS);
+    c = tc_open(port2, SECRET_A, MTP_PROTO_PADDED, 2, 0);
+    uint8_t p[16] = {0};
+    tc_send(c, p, sizeof(p), false, false);
+    expect_silence(c, MTP_M_HS_FAIL_NOT_TLS, m0, "obfuscated2 on TLS-only");
+    m0 = metric(MTP_M_HS_FAIL_NOT_TLS);
+    c = tc_connect(port2, 0);
+    uint8_t junk[100];
+    fill_pattern(junk, sizeof(junk), 0x16, 9); /* 16 then not 03 01 */
+    write_all(c->fd, junk, sizeof(junk), false);
+    expect_silence(c, MTP_M_HS_FAIL_NOT_TLS, m0, "junk on TLS-only");
+
+    /* A malformed record that starts like a hello (16 03 01, body not a ClientHello). */
+    m0 = metric(MTP_M_HS_FAIL_TLS_BAD_HELLO);
+    c = tc_connect(port2, 0);
+    uint8_t bad[5 + 200];
+    memset(bad, 0x42, sizeof(bad));
+    bad[0] = 0x16, bad[1] = 0x03, bad[2] = 0x01, bad[3] = 0x00, bad[4] = 200;
+    write_all(c->fd, bad, sizeof(bad), false);
+    expect_silence(c, MTP_M_HS_FAIL_TLS_BAD_HELLO, m0, "bad hello");
+
+    /* Half a hello, then nothing: handshake timeout; half a hello, then EOF: closed_early. */
+    m0 = metric(MTP_M_HS_FAIL_TIMEOUT);
+    c = tc_open_tls(port2, SECRET_A, "example.com", 0, MTP_FAKETLS_KIND_CLASSIC, MTP_PROTO_PADDED, 2,
+                    TLS_HELLO_WITH_DATA);
+    write_all(c->fd, c->hello, 100, false);
+    expect_silence(c, MTP_M_HS_FAIL_TIMEOUT, m0, "half a hello");
+    m0 = metric(MTP_M_HS_FAIL_EOF);
+    c = tc_open_tls(port2, SECRET_A, "example.com", 0, MTP_FAKETLS_KIND_CLASSIC, MTP_PROTO_PADDED, 2,
+                    TLS_HELLO_WITH_DATA);
+    write_all(c->fd, c->hello, 100, false);
+    CHECK(shutdown(c->fd, SHUT_WR) == 0);
+    expect_silence(c, MTP_M_HS_FAIL_EOF, m0, "half a hello then EOF");
+
+    /* A good hello, then a wrong secret inside (the obfuscated2 header): bad_secret, and the
+     * ServerHello is all that came back. */
+    m0 = metric(MTP_M_HS_FAIL_BAD_SECRET);
+    c = tc_open_tls(port2, SECRET_A, "example.com", 0, MTP_FAKETLS_KIND_CLASSIC, MTP_PROTO_PADDED, 2, 0);
+    mtp_obf2_free(&c->obf);
+    CHECK(mtp_obf2_connect(&c->obf, SECRET_WRONG, MTP_PROTO_PADDED, 2, c->hdr) == MTP_OK);
+    tc_send(c, p, sizeof(p), false, false);
+    expect_silence(c, MTP_M_HS_FAIL_BAD_SECRET, m0, "wrong secret inside fake-TLS");
+
+    /* A record of a wrong type after the handshake closes the client. */
+    int64_t bf0 = metric(MTP_M_CLOSE_BAD_FRAME);
+    c = tc_open_tls(port2, SECRET_A, "example.com", 0, MTP_FAKETLS_KIND_CLASSIC, MTP_PROTO_PADDED, 2, 0);
+    check_echo(c, 8, 'e', false, false);
+    static const uint8_t alert[7] = {0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x28};
+    write_all(c->fd, alert, sizeof(alert), false);
+    CHECK(tc_wait_eof(c) == 0);
+    CHECK(metric(MTP_M_CLOSE_BAD_FRAME) == bf0 + 1);
+    tc_close(c);
+  }
+
+  /* 17. A replayed obfuscated2 header (plain, l0): the same silence as a wrong secret. */
+  {
+    struct tc *c = tc_open(port0, SECRET_A, MTP_PROTO_INTERMEDIATE, 2, 0);
+    uint8_t hdr[MTP_OBF2_HEADER_LEN];
+    memcpy(hdr, c->hdr, sizeof(hdr));
+    check_echo(c, 8, 'e', false, false);
+    tc_close(c);
+    int64_t m0 = metric(MTP_M_HS_FAIL_OBF2_REPLAY), bad0 = metric(MTP_M_HS_FAIL_BAD_SECRET);
+    int opens = get_int(&n_open);
+    c = tc_connect(port0, 0);
+    uint8_t more[80];
+    fill_pattern(more, sizeof(more), 'z', 5);
+    write_all(c->fd, hdr, sizeof(hdr), false);
+    write_all(c->fd, more, sizeof(more), false);
+    expect_silence(c, MTP_M_HS_FAIL_OBF2_REPLAY, m0, "replayed obfuscated2 header");
+    CHECK(metric(MTP_M_HS_FAIL_BAD_SECRET) == bad0);
+    CHECK(get_int(&n_open) == opens);
+  }
+
+  /* 18. Per-SNI derived secrets (worker 2): a link works only with its own domain; the base
+   * secret works with none. Its records toward the client carry at most 1000 bytes. */
+  {
+    uint8_t alice[16], bob[16];
+    mtp_faketls_derive_secret(SECRET_B, "pepper", "alice.example", alice);
+    mtp_faketls_derive_secret(SECRET_B, "pepper", "bob.example", bob);
+    CHECK(memcmp(alice, bob, 16) != 0);
+    struct tc *c = tc_open_tls(port5, alice, "alice.example", 0, MTP_FAKETLS_KIND_CLASSIC, MTP_PROTO_PADDED, 2,
+                               TLS_CCS);
+    check_echo(c, 5000, 'd', false, false);
+    pthread_mutex_lock(&ev_mu);
+    CHECK(strcmp(last_listener, "l5") == 0);
+    pthread_mutex_unlock(&ev_mu);
+    tc_close(c);
+    c = tc_open_tls(port5, bob, "bob.example", 0, MTP_FAKETLS_KIND_PQ, MTP_PROTO_ABRIDGED, 2, 0);
+    check_echo(c, 64, 'd', false, false);
+    tc_close(c);
+
+    int64_t m0 = metric(MTP_M_HS_FAIL_TLS_BAD_HMAC);
+    c = tc_open_tls(port5, alice, "bob.example", 0, MTP_FAKETLS_KIND_CLASSIC, MTP_PROTO_PADDED, 2, TLS_NO_ANSWER);
+    expect_silence(c, MTP_M_HS_FAIL_TLS_BAD_HMAC, m0, "alice's secret with bob's domain");
+    m0 = metric(MTP_M_HS_FAIL_TLS_BAD_HMAC);
+    c = tc_open_tls(port5, SECRET_B, "alice.example", 0, MTP_FAKETLS_KIND_CLASSIC, MTP_PROTO_PADDED, 2,
+                    TLS_NO_ANSWER);
+    expect_silence(c, MTP_M_HS_FAIL_TLS_BAD_HMAC, m0, "base secret under per-SNI secrets");
+  }
+
+  /* 19. Record sizes toward the client follow tls_record_size, and the flight size follows
+   * tls_flight_size (worker 2: 1000 and 1234). */
+  {
+    uint8_t alice[16];
+    mtp_faketls_derive_secret(SECRET_B, "pepper", "alice.example", alice);
+    struct tc *c = tc_open_tls(port5, alice, "alice.example", 0, MTP_FAKETLS_KIND_CLASSIC, MTP_PROTO_INTERMEDIATE,
+                               2, TLS_NO_ANSWER);
+    tc_read_answer(c);
+    CHECK(c->flight_len == 1234);
+    uint8_t pkt[3000];
+    fill_pattern(pkt, sizeof(pkt), 's', 1);
+    tc_send(c, pkt, sizeof(pkt), false, false);
+    /* read raw: records of <= 1000 payload bytes, 3004 bytes of plain in total */
+    size_t plain = 0, recs = 0;
+    uint8_t rec[5 + 1000];
+    while (plain < sizeof(pkt) + 4) {
+      ssize_t r = recv(c->fd, rec, 5, MSG_WAITALL);
+      CHECK(r == 5);
+      CHECK(rec[0] == 0x17 && rec[1] == 0x03 && rec[2] == 0x03);
+      size_t l = ((size_t)rec[3] << 8) | rec[4];
+      CHECK(l >= 1 && l <= 1000);
+      CHECK(recv(c->fd, rec + 5, l, MSG_WAITALL) == (ssize_t)l);
+      plain += l;
+      recs++;
+    }
+    CHECK(plain == sizeof(pkt) + 4);
+    CHECK(recs == 4);
+    tc_close(c);
+  }
+
   /* 12. Stop with a client still connected: its stream is closed and the loop ends. */
   {
     CHECK(wait_no_streams(5.0));
@@ -701,9 +1148,15 @@ int main(void) {
   CHECK(metric(MTP_M_BYTES_FROM_CLIENTS) > 0 && metric(MTP_M_BYTES_TO_CLIENTS) > 0);
   CHECK(metric(MTP_M_PACKETS_FROM_CLIENTS) > 0 && metric(MTP_M_PACKETS_TO_CLIENTS) > 0);
   mtp_front_worker_free(worker);
+  mtp_front_worker_free(worker2);
   CHECK(uv_loop_close(&loop) == 0); /* no handle left behind */
   close(rfd0);
   close(rfd1);
+  close(rfd2);
+  close(rfd3);
+  close(rfd5);
+  mtp_replay_free(&replay);
   mtp_config_free(&cfg);
+  mtp_config_free(&cfg2);
   return check_report();
 }

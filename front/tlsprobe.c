@@ -1,0 +1,628 @@
+/*
+ * tlsprobe.c - learns the size of the fronted site's encrypted TLS 1.3 server flight (see
+ * tlsprobe.h).
+ *
+ * One probe per domain at a time, on the main loop:
+ *
+ *   RESOLVE (uv_getaddrinfo) ──► CONNECT (each address in turn) ──► READ ──► CLOSING
+ *                                                                    │ ServerHello, CCS,
+ *                                                                    │ ApplicationData...
+ *                                                                    ▼
+ *                      quiet for PROBE_QUIET_MS after a whole ApplicationData record,
+ *                      the peer closed there, or the flight reached the largest size we use
+ *                          = success: remember the sum of the ApplicationData payloads
+ *
+ * One timer per probe: the connect deadline (cfg->fronting_connect_timeout), then the same
+ * span as a read deadline re-armed on every read, then the short quiet timer once a flight
+ * record has arrived. We never send our Finished, so a TLS 1.3 server says nothing after
+ * its first flight: the silence marks the end. The records are not decrypted.
+ *
+ * Worker threads only read: the domain list is fixed at setup and each learnt size is an
+ * atomic, so mtp_tlsprobe_flight_size takes no lock.
+ */
+#include "tlsprobe.h"
+
+#include <netdb.h>
+#include <netinet/in.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+#include <time.h>
+
+#include "alloc.h"
+#include "crypto.h"
+#include "err.h"
+#include "faketls.h"
+#include "log.h"
+#include "metrics.h"
+
+#include "banned.h"
+
+/* The first flight is over when nothing arrives for this long after an ApplicationData record. */
+#define PROBE_QUIET_MS 400
+/* A random flight size until one is learnt: the range real certificate chains fall in. */
+#define FLIGHT_RANDOM_MIN 2500
+#define FLIGHT_RANDOM_MAX 4600
+#define PROBE_MAX_HOST 255
+
+enum probe_state {
+  P_RESOLVE, /* waiting for uv_getaddrinfo of the target */
+  P_CONNECT, /* waiting for the TCP connect (connect deadline) */
+  P_READ,    /* hello sent; reading the server's records (read deadline, then quiet timer) */
+  P_CLOSING, /* handles closing; the last callback frees the probe */
+};
+
+struct pdomain {
+  char *name;            /* owns: lower-cased domain */
+  _Atomic size_t learnt; /* the last learnt flight size; 0 = none yet */
+  struct probe *running; /* borrows: the probe in flight or NULL (main thread only) */
+};
+
+struct probe {
+  struct mtp_tlsprobe *p; /* borrows */
+  size_t di;              /* index into p->domains */
+  enum probe_state state;
+  uv_getaddrinfo_t gai;
+  uv_connect_t connect_req;
+  uv_write_t write_req;
+  uv_tcp_t tcp;
+  uv_timer_t timer;
+  int refs; /* open handles + the pending resolver request */
+  bool gai_pending;
+  bool tcp_open;            /* tcp initialised and not yet uv_close'd */
+  bool retry_connect;       /* tcp is closing so that the next address can be tried */
+  struct addrinfo *ai;      /* owns (uv_freeaddrinfo) */
+  struct addrinfo *next_ai; /* borrows (into ai) */
+  char host[PROBE_MAX_HOST + 1];
+  uint16_t port;
+  char hostport[PROBE_MAX_HOST + 10]; /* "host:port" or "[v6]:port", for logs */
+  char addr_str[64];
+  /* the record reader */
+  uint8_t hdr[MTP_FAKETLS_RECORD_HEADER];
+  size_t hdr_got; /* header bytes of the current record so far */
+  size_t left;    /* payload bytes of the current record still to come */
+  bool seen_server_hello;
+  size_t nappdata; /* ApplicationData records complete */
+  size_t flight;   /* the sum of their payload lengths */
+  size_t hello_len;
+  uint8_t hello[MTP_FAKETLS_CLIENT_HELLO_MAX];
+  uint8_t rbuf[16 * 1024];
+};
+
+struct mtp_tlsprobe {
+  uv_loop_t *loop;              /* borrows */
+  const struct mtp_config *cfg; /* borrows */
+  struct pdomain *domains;      /* owns; fixed after setup */
+  size_t ndomains;
+  uv_timer_t timer; /* every tls_probe_interval */
+  bool timer_open;
+  size_t nprobes; /* probes not yet freed */
+  bool stopping;
+};
+
+static void on_handle_closed(uv_handle_t *h);
+static void connect_next(struct probe *q);
+
+static uint64_t seconds_to_ms(double s) {
+  if (!(s > 0))
+    return 1;
+  double ms = s * 1000.0 + 0.5;
+  if (ms > 1e15)
+    return (uint64_t)1e15;
+  return ms < 1 ? 1 : (uint64_t)ms;
+}
+
+static size_t clamp_flight(size_t n) {
+  if (n < 1)
+    return 1;
+  return n > MTP_FAKETLS_MAX_PAYLOAD ? MTP_FAKETLS_MAX_PAYLOAD : n;
+}
+
+/* ---- probe lifetime ---- */
+
+static void probe_free(struct probe *q) {
+  struct mtp_tlsprobe *p = q->p;
+  if (p->domains[q->di].running == q)
+    p->domains[q->di].running = NULL;
+  p->nprobes--;
+  if (q->ai != NULL)
+    uv_freeaddrinfo(q->ai);
+  mtp_free(q);
+}
+
+static void maybe_free(struct probe *q) {
+  if (q->state == P_CLOSING && q->refs == 0)
+    probe_free(q);
+}
+
+static void probe_close(struct probe *q) {
+  if (q->state == P_CLOSING)
+    return;
+  q->state = P_CLOSING;
+  if (q->gai_pending)
+    uv_cancel((uv_req_t *)&q->gai);
+  if (q->tcp_open) {
+    q->tcp_open = false;
+    uv_close((uv_handle_t *)&q->tcp, on_handle_closed);
+  }
+  uv_close((uv_handle_t *)&q->timer, on_handle_closed);
+}
+
+static void probe_fail(struct probe *q, const char *why) {
+  if (q->state == P_CLOSING)
+    return;
+  MTP_COUNT(TLS_PROBE_FAIL);
+  mtp_log(MTP_LOG_WARN, "tls probe %s via %s failed: %s", q->p->domains[q->di].name, q->hostport, why);
+  probe_close(q);
+}
+
+static void probe_done(struct probe *q) {
+  size_t n = clamp_flight(q->flight);
+  atomic_store_explicit(&q->p->domains[q->di].learnt, n, memory_order_relaxed);
+  MTP_COUNT(TLS_PROBE_OK);
+  mtp_log(MTP_LOG_INFO, "tls probe %s via %s: flight %zu bytes", q->p->domains[q->di].name, q->hostport, n);
+  probe_close(q);
+}
+
+static void on_handle_closed(uv_handle_t *h) {
+  struct probe *q = h->data;
+  q->refs--;
+  if (h == (uv_handle_t *)&q->tcp && q->retry_connect) {
+    q->retry_connect = false;
+    if (q->state == P_CONNECT) {
+      connect_next(q);
+      return;
+    }
+  }
+  maybe_free(q);
+}
+
+/* ---- reading the server's flight ---- */
+
+/* No record is partially read (hdr_got is reset when a record's last payload byte arrives). */
+static bool at_record_boundary(const struct probe *q) { return q->hdr_got == 0; }
+
+/* Checks a complete record header; MTP_EPROTO with *why when it cannot be part of a TLS 1.3
+ * server's first flight. */
+static int check_header(struct probe *q, const char **why) {
+  size_t rlen = ((size_t)q->hdr[3] << 8) | q->hdr[4];
+  if (q->hdr[1] != 0x03 || rlen > MTP_FAKETLS_MAX_RECORD_PAYLOAD) {
+    *why = "not a TLS record";
+    return MTP_EPROTO;
+  }
+  switch (q->hdr[0]) {
+  case 0x16: /* handshake: in TLS 1.3 only the ServerHello comes in the clear */
+    if (q->seen_server_hello) {
+      *why = "no TLS 1.3 (a plaintext handshake record after the ServerHello)";
+      return MTP_EPROTO;
+    }
+    q->seen_server_hello = true;
+    break;
+  case 0x14: /* ChangeCipherSpec (middlebox compatibility) */
+  case 0x17: /* the encrypted flight: EncryptedExtensions, Certificate, CertificateVerify, Finished */
+    if (!q->seen_server_hello) {
+      *why = "no ServerHello first";
+      return MTP_EPROTO;
+    }
+    if (q->hdr[0] == 0x17)
+      q->flight += rlen;
+    break;
+  case 0x15:
+    *why = "the server sent an alert";
+    return MTP_EPROTO;
+  default:
+    *why = "unexpected TLS record type";
+    return MTP_EPROTO;
+  }
+  q->left = rlen;
+  return MTP_OK;
+}
+
+/* A record is complete: counts it; 1 when the flight has reached the largest size we use. */
+static int record_end(struct probe *q) {
+  if (q->hdr[0] == 0x17)
+    q->nappdata++;
+  q->hdr_got = 0;
+  return q->flight >= MTP_FAKETLS_MAX_PAYLOAD ? 1 : MTP_OK;
+}
+
+/*
+ * Feeds the server's bytes (any split). Returns MTP_OK (keep reading), 1 (the flight is
+ * complete) or MTP_EPROTO with *why set (not a TLS 1.3 server flight).
+ */
+static int feed_records(struct probe *q, const uint8_t *in, size_t len, const char **why) {
+  while (len > 0) {
+    if (q->hdr_got < MTP_FAKETLS_RECORD_HEADER) {
+      size_t k = MTP_FAKETLS_RECORD_HEADER - q->hdr_got;
+      if (k > len)
+        k = len;
+      memcpy(q->hdr + q->hdr_got, in, k);
+      q->hdr_got += k;
+      in += k;
+      len -= k;
+      if (q->hdr_got < MTP_FAKETLS_RECORD_HEADER)
+        break;
+      int r = check_header(q, why);
+      if (r == MTP_OK && q->left == 0)
+        r = record_end(q);
+      if (r != MTP_OK)
+        return r;
+      continue;
+    }
+    size_t k = len < q->left ? len : q->left;
+    q->left -= k;
+    in += k;
+    len -= k;
+    if (q->left == 0) {
+      int r = record_end(q);
+      if (r != MTP_OK)
+        return r;
+    }
+  }
+  return MTP_OK;
+}
+
+static void on_timer(uv_timer_t *t) {
+  struct probe *q = t->data;
+  switch (q->state) {
+  case P_RESOLVE:
+  case P_CONNECT:
+    probe_fail(q, "connect timed out");
+    return;
+  case P_READ:
+    if (q->nappdata > 0 && at_record_boundary(q))
+      probe_done(q);
+    else
+      probe_fail(q, "timed out waiting for the server's flight");
+    return;
+  case P_CLOSING:
+    return;
+  }
+}
+
+static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
+  struct probe *q = h->data;
+  *buf = uv_buf_init((char *)q->rbuf, sizeof(q->rbuf));
+}
+
+static void on_read(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf) {
+  struct probe *q = stream->data;
+  if (q->state != P_READ || nread == 0)
+    return;
+  if (nread < 0) {
+    if (nread == UV_EOF && q->nappdata > 0 && at_record_boundary(q)) {
+      probe_done(q);
+      return;
+    }
+    char why[96];
+    snprintf(why, sizeof(why), "%s before the end of the flight", nread == UV_EOF ? "closed" : uv_strerror((int)nread));
+    probe_fail(q, why);
+    return;
+  }
+  const char *why = NULL;
+  int r = feed_records(q, (const uint8_t *)buf->base, (size_t)nread, &why);
+  if (r < 0) {
+    probe_fail(q, why);
+    return;
+  }
+  if (r == 1) {
+    probe_done(q);
+    return;
+  }
+  uv_timer_stop(&q->timer);
+  if (q->nappdata > 0 && at_record_boundary(q))
+    uv_timer_start(&q->timer, on_timer, PROBE_QUIET_MS, 0);
+  else
+    uv_timer_start(&q->timer, on_timer, seconds_to_ms(q->p->cfg->fronting_connect_timeout), 0);
+}
+
+/* ---- connect and send the hello ---- */
+
+static void on_hello_written(uv_write_t *req, int status) {
+  struct probe *q = req->data;
+  if (q->state != P_READ || status >= 0)
+    return;
+  char why[96];
+  snprintf(why, sizeof(why), "sending the ClientHello: %s", uv_strerror(status));
+  probe_fail(q, why);
+}
+
+static void on_connected(uv_connect_t *req, int status) {
+  struct probe *q = req->data;
+  if (q->state != P_CONNECT)
+    return;
+  if (status < 0) {
+    if (q->next_ai == NULL) {
+      char why[128];
+      snprintf(why, sizeof(why), "connect to %s: %s", q->addr_str, uv_strerror(status));
+      probe_fail(q, why);
+      return;
+    }
+    q->retry_connect = true;
+    q->tcp_open = false;
+    uv_close((uv_handle_t *)&q->tcp, on_handle_closed);
+    return;
+  }
+  q->state = P_READ;
+  uint8_t secret[16];
+  int n = mtp_random(secret, sizeof(secret));
+  if (n == MTP_OK)
+    n = mtp_faketls_client_hello(secret, q->p->domains[q->di].name, (uint32_t)time(NULL), MTP_FAKETLS_KIND_CLASSIC,
+                                 q->hello, sizeof(q->hello));
+  if (n < 0) {
+    probe_fail(q, mtp_strerror(n));
+    return;
+  }
+  q->hello_len = (size_t)n;
+  uv_buf_t b = uv_buf_init((char *)q->hello, (unsigned)q->hello_len);
+  q->write_req.data = q;
+  int r = uv_write(&q->write_req, (uv_stream_t *)&q->tcp, &b, 1, on_hello_written);
+  if (r == 0)
+    r = uv_read_start((uv_stream_t *)&q->tcp, on_alloc, on_read);
+  if (r < 0) {
+    probe_fail(q, uv_strerror(r));
+    return;
+  }
+  uv_timer_stop(&q->timer);
+  uv_timer_start(&q->timer, on_timer, seconds_to_ms(q->p->cfg->fronting_connect_timeout), 0);
+}
+
+static void format_sockaddr(const struct sockaddr *a, char *out, size_t outlen) {
+  struct sockaddr_storage ss;
+  memset(&ss, 0, sizeof(ss));
+  memcpy(&ss, a, a->sa_family == AF_INET6 ? sizeof(struct sockaddr_in6) : sizeof(struct sockaddr_in));
+  mtp_format_addr(&ss, out, outlen);
+}
+
+static void connect_next(struct probe *q) {
+  while (q->next_ai != NULL) {
+    struct addrinfo *ai = q->next_ai;
+    q->next_ai = ai->ai_next;
+    if (ai->ai_family != AF_INET && ai->ai_family != AF_INET6)
+      continue;
+    format_sockaddr(ai->ai_addr, q->addr_str, sizeof(q->addr_str));
+    int r = uv_tcp_init(q->p->loop, &q->tcp);
+    if (r < 0) {
+      probe_fail(q, uv_strerror(r));
+      return;
+    }
+    q->tcp.data = q;
+    q->tcp_open = true;
+    q->refs++;
+    q->connect_req.data = q;
+    r = uv_tcp_connect(&q->connect_req, &q->tcp, ai->ai_addr, on_connected);
+    if (r < 0) {
+      q->tcp_open = false;
+      q->retry_connect = q->next_ai != NULL;
+      uv_close((uv_handle_t *)&q->tcp, on_handle_closed);
+      if (!q->retry_connect) {
+        char why[128];
+        snprintf(why, sizeof(why), "connect to %s: %s", q->addr_str, uv_strerror(r));
+        probe_fail(q, why);
+      }
+    }
+    return;
+  }
+  probe_fail(q, "no usable address");
+}
+
+static void on_resolved(uv_getaddrinfo_t *req, int status, struct addrinfo *res) {
+  struct probe *q = req->data;
+  q->gai_pending = false;
+  q->refs--;
+  if (q->state != P_RESOLVE) {
+    if (res != NULL)
+      uv_freeaddrinfo(res);
+    maybe_free(q);
+    return;
+  }
+  if (status < 0) {
+    char why[128];
+    snprintf(why, sizeof(why), "cannot resolve: %s", uv_strerror(status));
+    probe_fail(q, why);
+    return;
+  }
+  q->ai = res;
+  q->next_ai = res;
+  q->state = P_CONNECT;
+  connect_next(q);
+}
+
+/* "host:port", or "[host]:port" for an IPv6 literal, for logs. */
+static void format_hostport(const char *host, uint16_t port, char *out, size_t outlen) {
+  if (strchr(host, ':') != NULL)
+    snprintf(out, outlen, "[%s]:%u", host, (unsigned)port);
+  else
+    snprintf(out, outlen, "%s:%u", host, (unsigned)port);
+}
+
+/* Copies host without IPv6 brackets; false when empty or too long. */
+static bool copy_host(const char *host, char *out, size_t outlen) {
+  size_t n = host != NULL ? strlen(host) : 0;
+  if (n >= 2 && host[0] == '[' && host[n - 1] == ']') {
+    host++;
+    n -= 2;
+  }
+  if (n == 0 || n >= outlen)
+    return false;
+  memcpy(out, host, n);
+  out[n] = '\0';
+  return true;
+}
+
+/* Starts a probe of domain di unless one is still running. */
+static void probe_start(struct mtp_tlsprobe *p, size_t di) {
+  struct pdomain *d = &p->domains[di];
+  if (d->running != NULL || p->stopping)
+    return;
+  struct probe *q = mtp_calloc(1, sizeof(*q));
+  if (q == NULL) {
+    MTP_COUNT(TLS_PROBE_FAIL);
+    mtp_log(MTP_LOG_WARN, "tls probe %s: out of memory", d->name);
+    return;
+  }
+  q->p = p;
+  q->di = di;
+  bool ok;
+  if (p->cfg->fronting_mode == MTP_FRONTING_SNI) {
+    ok = copy_host(d->name, q->host, sizeof(q->host));
+    q->port = 443;
+  } else {
+    ok = copy_host(p->cfg->fronting_host, q->host, sizeof(q->host));
+    q->port = p->cfg->fronting_port;
+  }
+  format_hostport(q->host, q->port, q->hostport, sizeof(q->hostport));
+  if (!ok || q->port == 0) {
+    MTP_COUNT(TLS_PROBE_FAIL);
+    mtp_log(MTP_LOG_WARN, "tls probe %s: no fronting host to probe", d->name);
+    mtp_free(q);
+    return;
+  }
+  d->running = q;
+  p->nprobes++;
+  q->state = P_RESOLVE;
+  uv_timer_init(p->loop, &q->timer);
+  q->timer.data = q;
+  q->refs++;
+  uv_timer_start(&q->timer, on_timer, seconds_to_ms(p->cfg->fronting_connect_timeout), 0);
+  char port[8];
+  snprintf(port, sizeof(port), "%u", (unsigned)q->port);
+  struct addrinfo hints;
+  memset(&hints, 0, sizeof(hints));
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_protocol = IPPROTO_TCP;
+  q->gai.data = q;
+  int r = uv_getaddrinfo(p->loop, &q->gai, on_resolved, q->host, port, &hints);
+  if (r < 0) {
+    char why[128];
+    snprintf(why, sizeof(why), "cannot resolve: %s", uv_strerror(r));
+    probe_fail(q, why);
+    return;
+  }
+  q->gai_pending = true;
+  q->refs++;
+}
+
+static void probe_all(struct mtp_tlsprobe *p) {
+  for (size_t i = 0; i < p->ndomains; i++)
+    probe_start(p, i);
+}
+
+static void on_interval(uv_timer_t *t) { probe_all(t->data); }
+
+/* ---- public ---- */
+
+static struct pdomain *find_domain(const struct mtp_tlsprobe *p, const char *domain) {
+  if (p == NULL || domain == NULL)
+    return NULL;
+  for (size_t i = 0; i < p->ndomains; i++)
+    if (strcmp(p->domains[i].name, domain) == 0)
+      return &p->domains[i];
+  return NULL;
+}
+
+static int add_domain(struct mtp_tlsprobe *p, const char *name) {
+  if (name == NULL || name[0] == '\0' || find_domain(p, name) != NULL)
+    return MTP_OK;
+  char *copy = mtp_strdup(name);
+  if (copy == NULL)
+    return MTP_ENOMEM;
+  p->domains[p->ndomains].name = copy;
+  atomic_init(&p->domains[p->ndomains].learnt, 0);
+  p->domains[p->ndomains].running = NULL;
+  p->ndomains++;
+  return MTP_OK;
+}
+
+static void domains_free(struct mtp_tlsprobe *p) {
+  for (size_t i = 0; i < p->ndomains; i++)
+    mtp_free(p->domains[i].name);
+  mtp_free(p->domains);
+  p->domains = NULL;
+  p->ndomains = 0;
+}
+
+int mtp_tlsprobe_setup(struct mtp_tlsprobe **out, const struct mtp_config *cfg, uv_loop_t *main_loop) {
+  *out = NULL;
+  struct mtp_tlsprobe *p = mtp_calloc(1, sizeof(*p));
+  if (p == NULL)
+    return MTP_ENOMEM;
+  p->loop = main_loop;
+  p->cfg = cfg;
+  size_t max = cfg->ntls_domains;
+  for (size_t i = 0; i < cfg->nlisteners; i++)
+    max += cfg->listeners[i].ntls_domains;
+  if (max > 0) {
+    p->domains = mtp_calloc(max, sizeof(*p->domains));
+    if (p->domains == NULL) {
+      mtp_free(p);
+      return MTP_ENOMEM;
+    }
+  }
+  int r = MTP_OK;
+  for (size_t i = 0; i < cfg->ntls_domains && r == MTP_OK; i++)
+    r = add_domain(p, cfg->tls_domains[i]);
+  for (size_t i = 0; i < cfg->nlisteners && r == MTP_OK; i++)
+    for (size_t k = 0; k < cfg->listeners[i].ntls_domains && r == MTP_OK; k++)
+      r = add_domain(p, cfg->listeners[i].tls_domains[k]);
+  if (r != MTP_OK) {
+    domains_free(p);
+    mtp_free(p);
+    return r;
+  }
+  /* Nothing to learn when fronting is off (no site to imitate) or the size is fixed. */
+  if (cfg->fronting_mode != MTP_FRONTING_OFF && cfg->tls_flight_size == 0 && p->ndomains > 0) {
+    uv_timer_init(main_loop, &p->timer);
+    p->timer.data = p;
+    p->timer_open = true;
+    uint64_t every = seconds_to_ms(cfg->tls_probe_interval);
+    uv_timer_start(&p->timer, on_interval, every, every);
+    probe_all(p);
+  }
+  *out = p;
+  return MTP_OK;
+}
+
+size_t mtp_tlsprobe_flight_size(struct mtp_tlsprobe *p, const char *domain) {
+  if (p != NULL && p->cfg->tls_flight_size > 0)
+    return clamp_flight(p->cfg->tls_flight_size);
+  const struct pdomain *d = find_domain(p, domain);
+  if (d != NULL) {
+    size_t n = atomic_load_explicit(&d->learnt, memory_order_relaxed);
+    if (n > 0)
+      return n;
+  }
+  return FLIGHT_RANDOM_MIN + mtp_random_below(FLIGHT_RANDOM_MAX - FLIGHT_RANDOM_MIN + 1);
+}
+
+size_t mtp_tlsprobe_learnt(struct mtp_tlsprobe *p, const char *domain) {
+  const struct pdomain *d = find_domain(p, domain);
+  return d != NULL ? atomic_load_explicit(&d->learnt, memory_order_relaxed) : 0;
+}
+
+static void on_timer_closed(uv_handle_t *h) { (void)h; }
+
+void mtp_tlsprobe_stop(struct mtp_tlsprobe *p) {
+  if (p == NULL || p->stopping)
+    return;
+  p->stopping = true;
+  if (p->timer_open) {
+    p->timer_open = false;
+    uv_close((uv_handle_t *)&p->timer, on_timer_closed);
+  }
+  for (size_t i = 0; i < p->ndomains; i++)
+    if (p->domains[i].running != NULL)
+      probe_close(p->domains[i].running);
+}
+
+void mtp_tlsprobe_free(struct mtp_tlsprobe *p) {
+  if (p == NULL)
+    return;
+  if (p->nprobes > 0)
+    mtp_log(MTP_LOG_ERROR, "tls probe: freed with %zu probes still running", p->nprobes);
+  domains_free(p);
+  mtp_free(p);
+}
