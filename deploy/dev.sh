@@ -10,7 +10,8 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 build="${MTP_BUILD_DIR:-$root/build}"
 
 packages=(build-essential cmake pkg-config libuv1-dev libmbedtls-dev libprotobuf-c-dev
-          protobuf-c-compiler libcjson-dev zlib1g-dev libcurl4-openssl-dev ca-certificates)
+          protobuf-c-compiler libcjson-dev zlib1g-dev libcurl4-openssl-dev ca-certificates
+          libsystemd-dev libqrencode-dev)
 test_packages=(openssl iproute2 curl python3-telethon)
 
 install_packages() {

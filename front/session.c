@@ -481,6 +481,8 @@ static void link_on_writable(void *front) {
 
 /* ---- failed handshakes: domain fronting or silence ---- */
 
+static const char *tls_domain_of(const struct mtp_session *s, const char *sni);
+
 /*
  * A TLS-looking connection failed (metric counted by the caller). Hands the socket to domain
  * fronting with every byte read so far (a[0..alen) then b[0..blen)) and closes the session, or,
@@ -489,6 +491,14 @@ static void link_on_writable(void *front) {
  */
 static bool session_front(struct mtp_session *s, const char *sni, const uint8_t *a, size_t alen,
                           const uint8_t *b, size_t blen, const char *why) {
+  /* In sni mode only a configured domain is dialled: an unknown SNI (or none) goes to the
+   * listener's first domain, as a real server answers unknown names with its default site.
+   * Otherwise anyone could make the proxy connect to any host's port 443. */
+  if (sni == NULL || tls_domain_of(s, sni) == NULL) {
+    size_t nd = 0;
+    char *const *d = listener_domains(s, &nd);
+    sni = nd > 0 ? d[0] : NULL;
+  }
   if (fronting_is_on(s)) {
     uint8_t *pre = mtp_malloc(alen + blen + 1);
     uv_os_fd_t fd = -1;

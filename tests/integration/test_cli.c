@@ -84,7 +84,7 @@ static bool wait_closed(struct tclient *c) {
 /* Starts a proxy, connects one client that echoes once and then idles, sends sig. */
 static void stop_with_signal(int sig, const char *sp, const char *cp) {
   char *argv[] = {(char *)g_bin, "--listen", "127.0.0.1:0", "--secret", (char *)k_secret_hex, "--proxy-secret",
-                  (char *)sp, "--proxy-config", (char *)cp, "--workers", "2", "--log-level", "info", NULL};
+                  (char *)sp, "--proxy-config", (char *)cp, "--workers", "2", "--log-level", "info", "--drain-timeout", "0", NULL};
   CHECK(h_spawn(&g_proc, argv) == 0);
   uint16_t port = 0;
   CHECK(h_wait_listener(&g_proc, "l0", &port, 30000) == 0);

@@ -1,0 +1,171 @@
+/*
+ * frontsvc.c - the front half's process-wide services (see frontsvc.h).
+ */
+#include "frontsvc.h"
+
+#include <arpa/inet.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "admin.h"
+#include "alloc.h"
+#include "err.h"
+#include "log.h"
+#include "policy.h"
+#include "tlsprobe.h"
+
+#include "banned.h"
+
+/* ---- admin hooks ---- */
+
+static int admin_tables_json(void *ctx, const char *table, char **out) {
+  struct mtp_frontsvc *svc = ctx;
+  return mtp_policy_tables_json(svc->policy, table, out);
+}
+static int admin_table_add(void *ctx, const char *table, const char *value) {
+  struct mtp_frontsvc *svc = ctx;
+  return mtp_policy_table_add(svc->policy, table, value);
+}
+static int admin_table_del(void *ctx, const char *table, const char *value) {
+  struct mtp_frontsvc *svc = ctx;
+  return mtp_policy_table_del(svc->policy, table, value);
+}
+
+/* mtproxy_policy_rejects_total{rule="N"} and the replay cache's figures. */
+static char *admin_metrics(void *ctx) {
+  struct mtp_frontsvc *svc = ctx;
+  size_t n = mtp_policy_nrules(svc->policy);
+  size_t cap = 1024 + n * 64;
+  char *out = mtp_malloc(cap);
+  if (out == NULL)
+    return NULL;
+  size_t len = 0;
+  int w;
+#define EMIT(...)                                                       \
+  do {                                                                  \
+    w = snprintf(out + len, cap - len, __VA_ARGS__);                    \
+    if (w > 0 && (size_t)w < cap - len)                                 \
+      len += (size_t)w;                                                 \
+  } while (0)
+  if (n > 0) {
+    EMIT("# HELP mtproxy_policy_rejects_total connections rejected by each policy rule (index in policy)\n"
+         "# TYPE mtproxy_policy_rejects_total counter\n");
+    for (size_t i = 0; i < n; i++)
+      EMIT("mtproxy_policy_rejects_total{rule=\"%zu\"} %llu\n", i, (unsigned long long)mtp_policy_rejects(svc->policy, i));
+  }
+  struct mtp_replay_stats st;
+  mtp_replay_get_stats(&svc->replay, &st);
+  EMIT("# HELP mtproxy_replay_cache_entries handshakes remembered by the replay cache\n"
+       "# TYPE mtproxy_replay_cache_entries gauge\nmtproxy_replay_cache_entries %llu\n"
+       "# HELP mtproxy_replay_cache_capacity entries the replay cache can hold\n"
+       "# TYPE mtproxy_replay_cache_capacity gauge\nmtproxy_replay_cache_capacity %llu\n"
+       "# HELP mtproxy_replay_cache_hits_total replayed handshakes caught\n"
+       "# TYPE mtproxy_replay_cache_hits_total counter\nmtproxy_replay_cache_hits_total %llu\n"
+       "# HELP mtproxy_replay_cache_evictions_total live entries pushed out because the cache was full\n"
+       "# TYPE mtproxy_replay_cache_evictions_total counter\nmtproxy_replay_cache_evictions_total %llu\n",
+       (unsigned long long)st.entries, (unsigned long long)st.capacity, (unsigned long long)st.hits,
+       (unsigned long long)st.evictions);
+#undef EMIT
+  return out;
+}
+
+static void admin_status(void *ctx, cJSON *status) {
+  struct mtp_frontsvc *svc = ctx;
+  struct mtp_replay_stats st;
+  mtp_replay_get_stats(&svc->replay, &st);
+  cJSON *r = cJSON_AddObjectToObject(status, "replay_cache");
+  if (r == NULL)
+    return;
+  cJSON_AddNumberToObject(r, "entries", (double)st.entries);
+  cJSON_AddNumberToObject(r, "capacity", (double)st.capacity);
+  cJSON_AddNumberToObject(r, "hits", (double)st.hits);
+  cJSON_AddNumberToObject(r, "evictions", (double)st.evictions);
+  cJSON_AddNumberToObject(r, "max_age_s", (double)svc->replay._max_age);
+}
+
+/* ---- setup ---- */
+
+/* The public addresses fronting must never dial: --nat-info's public IP and a literal
+ * public_host. */
+static void add_public_addrs(struct mtp_frontsvc *svc, const struct mtp_config *cfg) {
+  struct mtp_front_shared *sh = &svc->shared;
+  if (cfg->has_nat) {
+    struct sockaddr_in *a = (struct sockaddr_in *)&sh->public_addrs[sh->npublic++];
+    a->sin_family = AF_INET;
+    a->sin_addr.s_addr = htonl(cfg->nat_public);
+  }
+  if (cfg->public_host != NULL && sh->npublic < 2) {
+    struct sockaddr_storage ss;
+    memset(&ss, 0, sizeof(ss));
+    struct sockaddr_in *a4 = (struct sockaddr_in *)&ss;
+    struct sockaddr_in6 *a6 = (struct sockaddr_in6 *)&ss;
+    if (inet_pton(AF_INET, cfg->public_host, &a4->sin_addr) == 1)
+      a4->sin_family = AF_INET;
+    else if (inet_pton(AF_INET6, cfg->public_host, &a6->sin6_addr) == 1)
+      a6->sin6_family = AF_INET6;
+    else
+      return;
+    sh->public_addrs[sh->npublic++] = ss;
+  }
+}
+
+static bool any_fake_tls(const struct mtp_config *cfg) {
+  for (size_t i = 0; i < cfg->nlisteners; i++)
+    if (mtp_config_serves_fake_tls(cfg, &cfg->listeners[i]))
+      return true;
+  return false;
+}
+
+int mtp_frontsvc_setup(struct mtp_frontsvc *svc, struct mtp_app *app, const struct mtp_config *cfg) {
+  memset(svc, 0, sizeof(*svc));
+  mtp_replay_init(&svc->replay);
+  int rc = mtp_replay_setup(&svc->replay, cfg->replay_cache_bytes, cfg->replay_max_age);
+  if (rc != MTP_OK) {
+    mtp_log(MTP_LOG_ERROR, "replay cache (%zu bytes, max age %u s): %s", cfg->replay_cache_bytes,
+            (unsigned)cfg->replay_max_age, mtp_strerror(rc));
+    return rc;
+  }
+  char perr[512];
+  rc = mtp_policy_create(&svc->policy, cfg, perr, sizeof(perr));
+  if (rc != MTP_OK) {
+    mtp_log(MTP_LOG_ERROR, "policy: %s", perr);
+    return rc;
+  }
+  if (any_fake_tls(cfg)) {
+    rc = mtp_tlsprobe_setup(&svc->tlsprobe, cfg, mtp_app_loop(app));
+    if (rc != MTP_OK) {
+      mtp_log(MTP_LOG_ERROR, "tls probe: %s", mtp_strerror(rc));
+      return rc;
+    }
+  }
+  svc->shared.replay = &svc->replay;
+  svc->shared.policy = svc->policy;
+  svc->shared.tlsprobe = svc->tlsprobe;
+  svc->shared.bound_addrs = mtp_app_bound_addrs(app);
+  svc->shared.nbound = cfg->nlisteners;
+  add_public_addrs(svc, cfg);
+  struct mtp_admin *admin = mtp_app_admin(app);
+  if (admin != NULL) {
+    struct mtp_admin_hooks hooks = {.ctx = svc,
+                                    .status = admin_status,
+                                    .metrics = admin_metrics,
+                                    .tables_json = admin_tables_json,
+                                    .table_add = admin_table_add,
+                                    .table_del = admin_table_del};
+    rc = mtp_admin_add_hooks(admin, &hooks);
+  }
+  return rc;
+}
+
+void mtp_frontsvc_stop(struct mtp_frontsvc *svc) {
+  if (svc->tlsprobe != NULL)
+    mtp_tlsprobe_stop(svc->tlsprobe);
+}
+
+void mtp_frontsvc_free(struct mtp_frontsvc *svc) {
+  mtp_tlsprobe_free(svc->tlsprobe);
+  svc->tlsprobe = NULL;
+  mtp_policy_free(svc->policy);
+  svc->policy = NULL;
+  mtp_replay_free(&svc->replay);
+}
