@@ -8,6 +8,8 @@
  * the obfuscated2 stream then travels in TLS records; a connection that fails the fake-TLS
  * checks is handed to domain fronting (front/fronting.h), created per worker here when
  * cfg->fronting_mode is not off and some listener has fake-TLS domains. See session.h.
+ * A reload hands each worker a new configuration generation (mtp_front_worker_reconfigure):
+ * unchanged listeners keep their sockets, sessions keep the generation they were accepted under.
  */
 #ifndef MTP_FRONT_H
 #define MTP_FRONT_H

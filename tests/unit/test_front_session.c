@@ -9,6 +9,10 @@
  *   'C' makes the back end the stream (on_close NORMAL) right after the echo;
  *   'F' makes the back flood the client with 16 KiB packets until the front closes the stream.
  * A packet sent with quickack gets on_quickack(TOKEN(len)) before its echo.
+ *
+ * Section 20 reloads: mtp_front_worker_reconfigure on the loop thread (run_on_loop) with
+ * configuration generations made here, checking kept / added / removed listeners, new secrets
+ * for new clients only, and when each generation is freed.
  */
 #include <errno.h>
 #include <netinet/in.h>
@@ -70,6 +74,7 @@ static char last_listener[32];
 
 static uv_loop_t loop;
 static uv_async_t stop_async;
+static uv_async_t call_async; /* run_on_loop */
 static struct mtp_front_worker *worker;
 static struct mtp_front_worker *worker2; /* the per-SNI-secrets config */
 static uint8_t flood_buf[FLOOD_PKT];
@@ -189,6 +194,46 @@ static void on_stop_async(uv_async_t *a) {
   mtp_front_worker_stop(worker);
   mtp_front_worker_stop(worker2);
   uv_close((uv_handle_t *)a, NULL);
+  uv_close((uv_handle_t *)&call_async, NULL);
+}
+
+/* Runs a function on the loop thread and waits for it (the worker's own-thread calls). */
+static void (*call_fn)(void *arg);
+static void *call_arg;
+static bool call_done;
+static pthread_cond_t call_cond = PTHREAD_COND_INITIALIZER;
+
+static void on_call_async(uv_async_t *a) {
+  (void)a;
+  pthread_mutex_lock(&ev_mu);
+  void (*fn)(void *) = call_fn;
+  void *arg = call_arg;
+  pthread_mutex_unlock(&ev_mu);
+  if (fn != NULL)
+    fn(arg);
+  pthread_mutex_lock(&ev_mu);
+  call_fn = NULL;
+  call_done = true;
+  pthread_cond_broadcast(&call_cond);
+  pthread_mutex_unlock(&ev_mu);
+}
+
+static void run_on_loop(void (*fn)(void *arg), void *arg) {
+  pthread_mutex_lock(&ev_mu);
+  call_fn = fn;
+  call_arg = arg;
+  call_done = false;
+  pthread_mutex_unlock(&ev_mu);
+  CHECK(uv_async_send(&call_async) == 0);
+  struct timespec dl;
+  clock_gettime(CLOCK_REALTIME, &dl);
+  dl.tv_sec += 5;
+  pthread_mutex_lock(&ev_mu);
+  while (!call_done && pthread_cond_timedwait(&call_cond, &ev_mu, &dl) == 0)
+    ;
+  bool done = call_done;
+  pthread_mutex_unlock(&ev_mu);
+  CHECK(done);
 }
 
 static void *loop_main(void *arg) {
@@ -605,6 +650,107 @@ static char **domains(const char *a, const char *b, size_t *n) {
   return d;
 }
 
+/* ---- reload: configuration generations ---- */
+
+/* Listener confs need an address for mtp_listener_conf_same_socket: 127.0.0.1 port 0 (the
+ * concrete ports are in the bound arrays, as from the main thread). */
+static void set_loopback(struct mtp_listener_conf *l) {
+  struct sockaddr_in *a = (struct sockaddr_in *)&l->addr;
+  memset(&l->addr, 0, sizeof(l->addr));
+  a->sin_family = AF_INET;
+  a->sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+}
+
+struct test_gen {
+  struct mtp_front_gen g;
+  struct mtp_config cfg;
+  struct sockaddr_storage bound[4];
+};
+
+static atomic_uint gens_freed; /* bit id: generation id was freed */
+
+static void test_gen_free(struct mtp_front_gen *g) {
+  struct test_gen *t = (struct test_gen *)g;
+  atomic_fetch_or(&gens_freed, 1u << g->id);
+  mtp_config_free(&t->cfg);
+  free(t);
+}
+
+static bool gen_is_freed(unsigned id) { return (atomic_load(&gens_freed) & (1u << id)) != 0; }
+
+static bool wait_gen_freed(unsigned id, double timeout) {
+  double deadline = now_s() + timeout;
+  while (!gen_is_freed(id)) {
+    if (now_s() > deadline)
+      return false;
+    struct timespec ts = {0, 2 * 1000 * 1000};
+    nanosleep(&ts, NULL);
+  }
+  return true;
+}
+
+/* A generation with the main config's global settings (global ad_tag 0xbe) and n listeners to
+ * fill in; the caller holds its one reference. */
+static struct test_gen *test_gen_new(unsigned id, size_t n) {
+  struct test_gen *t = calloc(1, sizeof(*t));
+  CHECK(t != NULL && n <= 4);
+  mtp_config_defaults(&t->cfg);
+  t->cfg.handshake_timeout = 0.2;
+  t->cfg.idle_timeout = 1.5;
+  t->cfg.client_send_budget = 256 * 1024;
+  t->cfg.has_ad_tag = true;
+  memset(t->cfg.ad_tag, 0xbe, sizeof(t->cfg.ad_tag));
+  t->cfg.fronting_mode = MTP_FRONTING_OFF;
+  t->cfg.tls_clock_skew = 600;
+  t->cfg.tls_record_size = 16384;
+  t->cfg.tls_domains = domains("global.example", NULL, &t->cfg.ntls_domains);
+  t->cfg.listeners = mtp_calloc(n, sizeof(*t->cfg.listeners));
+  CHECK(t->cfg.listeners != NULL);
+  t->cfg.nlisteners = n;
+  mtp_front_gen_init(&t->g, &t->cfg, t->bound, id, test_gen_free);
+  return t;
+}
+
+struct reconf_call {
+  struct mtp_front_worker *w;
+  struct mtp_front_gen *g;
+  int rc;
+  size_t nlisteners;
+  void (*before)(struct mtp_front_worker *w);
+};
+
+static void do_reconfigure(void *arg) {
+  struct reconf_call *c = arg;
+  if (c->before != NULL)
+    c->before(c->w);
+  c->rc = mtp_front_worker_reconfigure(c->w, c->g);
+  c->nlisteners = mtp_front_worker_nlisteners(c->w);
+}
+
+/* Reconfigures w on the loop thread; returns the listening sockets it then has. */
+static size_t reconfigure(struct mtp_front_worker *w, struct mtp_front_gen *g,
+                          void (*before)(struct mtp_front_worker *w)) {
+  struct reconf_call c = {.w = w, .g = g, .rc = -1, .before = before};
+  run_on_loop(do_reconfigure, &c);
+  CHECK(c.rc == MTP_OK);
+  return c.nlisteners;
+}
+
+/* True when nothing listens on 127.0.0.1:port any more (connect is refused). */
+static bool port_refuses(uint16_t port) {
+  int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  CHECK(fd >= 0);
+  struct sockaddr_in a;
+  memset(&a, 0, sizeof(a));
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  a.sin_port = htons(port);
+  int r = connect(fd, (struct sockaddr *)&a, sizeof(a));
+  int e = errno;
+  close(fd);
+  return r != 0 && e == ECONNREFUSED;
+}
+
 int main(void) {
   const char *dbg = getenv("MTP_TEST_DEBUG");
   mtp_log_level = dbg != NULL ? MTP_LOG_DEBUG : MTP_LOG_WARN;
@@ -638,6 +784,8 @@ int main(void) {
   set_listener(&cfg.listeners[2], "l2", l0_secrets, 2, MTP_ALLOW_FAKE_TLS);
   cfg.listeners[2].tls_domains = domains("example.com", "cdn.example.org", &cfg.listeners[2].ntls_domains);
   set_listener(&cfg.listeners[3], "l3", &SECRET_B, 1, MTP_ALLOW_FAKE_TLS | MTP_ALLOW_SECURE);
+  for (size_t i = 0; i < cfg.nlisteners; i++)
+    set_loopback(&cfg.listeners[i]);
 
   /* A second worker on the same loop with per-SNI derived secrets and small records. */
   struct mtp_config cfg2;
@@ -656,6 +804,7 @@ int main(void) {
   CHECK(cfg2.listeners != NULL && cfg2.per_sni_salt != NULL);
   cfg2.nlisteners = 1;
   set_listener(&cfg2.listeners[0], "l5", &SECRET_B, 1, MTP_ALLOW_FAKE_TLS);
+  set_loopback(&cfg2.listeners[0]);
   cfg2.listeners[0].tls_domains = domains("alice.example", "bob.example", &cfg2.listeners[0].ntls_domains);
 
   struct sockaddr_storage bound[4], bound2[1];
@@ -675,6 +824,7 @@ int main(void) {
 
   CHECK(uv_loop_init(&loop) == 0);
   CHECK(uv_async_init(&loop, &stop_async, on_stop_async) == 0);
+  CHECK(uv_async_init(&loop, &call_async, on_call_async) == 0);
   CHECK(mtp_front_worker_setup(&worker, &cfg, bound, &loop, &fake_link, 0, &shared) == MTP_OK);
   CHECK(mtp_front_worker_setup(&worker2, &cfg2, bound2, &loop, &fake_link, 1, &shared) == MTP_OK);
   pthread_t th;
@@ -1130,6 +1280,107 @@ int main(void) {
     tc_close(c);
   }
 
+  /* 20. Reload (mtp_front_worker_reconfigure). Generation 1: l0 keeps its socket with only
+   * SECRET_B and a new global ad_tag, l2 is kept, l1 and l3 are removed, l9 is new. A client
+   * accepted before keeps echoing; new clients get the new secrets and ad_tag; l9 serves;
+   * l1 stops accepting. */
+  struct sockaddr_storage bound9;
+  uint16_t port9;
+  int rfd9 = reserve_port(&bound9, &port9);
+  {
+    CHECK(wait_no_streams(5.0));
+    struct tc *old_client = tc_open(port0, SECRET_A, MTP_PROTO_ABRIDGED, 2, 0);
+    check_echo(old_client, 64, 'o', false, false);
+
+    struct test_gen *g1 = test_gen_new(1, 3);
+    set_listener(&g1->cfg.listeners[0], "l0", &SECRET_B, 1, MTP_ALLOW_ALL);
+    set_listener(&g1->cfg.listeners[1], "l2", l0_secrets, 2, MTP_ALLOW_FAKE_TLS);
+    g1->cfg.listeners[1].tls_domains = domains("example.com", "cdn.example.org", &g1->cfg.listeners[1].ntls_domains);
+    set_listener(&g1->cfg.listeners[2], "l9", &SECRET_X, 1, MTP_ALLOW_ABRIDGED);
+    for (size_t i = 0; i < 3; i++)
+      set_loopback(&g1->cfg.listeners[i]);
+    g1->bound[0] = bound[0];
+    g1->bound[1] = bound[2];
+    g1->bound[2] = bound9;
+    CHECK(mtp_front_worker_gen(worker) == NULL);
+    CHECK(reconfigure(worker, &g1->g, NULL) == 3);
+    CHECK(mtp_front_worker_gen(worker) == &g1->g);
+
+    check_echo(old_client, 1000, 'o', false, false); /* accepted under generation 0 */
+    CHECK(port_refuses(port1));                      /* l1 is gone */
+    CHECK(port_refuses(port3));                      /* and l3 */
+
+    int64_t bad0 = metric(MTP_M_HS_FAIL_BAD_SECRET);
+    struct tc *c = tc_open(port0, SECRET_A, MTP_PROTO_ABRIDGED, 2, 0);
+    uint8_t p[16] = {0};
+    tc_send(c, p, sizeof(p), false, false);
+    expect_silence(c, MTP_M_HS_FAIL_BAD_SECRET, bad0, "the secret the reload removed");
+
+    c = tc_open(port0, SECRET_B, MTP_PROTO_PADDED, 3, 0);
+    check_echo(c, 100, 'n', false, false);
+    pthread_mutex_lock(&ev_mu);
+    CHECK(strcmp(last_listener, "l0") == 0);
+    CHECK(last_open.has_ad_tag && last_open.ad_tag[0] == 0xbe && last_open.ad_tag[15] == 0xbe);
+    pthread_mutex_unlock(&ev_mu);
+    struct tc *g1_client = c; /* stays open across the next reload */
+
+    c = tc_open(port9, SECRET_X, MTP_PROTO_ABRIDGED, 2, 0);
+    check_echo(c, 64, '9', false, false);
+    pthread_mutex_lock(&ev_mu);
+    CHECK(strcmp(last_listener, "l9") == 0);
+    pthread_mutex_unlock(&ev_mu);
+    tc_close(c);
+
+    uint8_t l2_secret[16];
+    memcpy(l2_secret, SECRET_A, 16);
+    c = tc_open_tls(port2, l2_secret, "example.com", 0, MTP_FAKETLS_KIND_CLASSIC, MTP_PROTO_PADDED, 2, 0);
+    check_echo(c, 64, 't', false, false); /* the kept TLS-only listener */
+    tc_close(c);
+
+    /* Generation 2: back to l0 with SECRET_A and SECRET_X (what the rest of the test uses) and
+     * l9 removed. Generation 1 lives on while its client does, then it is freed. */
+    struct test_gen *g2 = test_gen_new(2, 1);
+    set_listener(&g2->cfg.listeners[0], "l0", l0_secrets, 2, MTP_ALLOW_ALL);
+    set_loopback(&g2->cfg.listeners[0]);
+    g2->bound[0] = bound[0];
+    CHECK(reconfigure(worker, &g2->g, NULL) == 1);
+    CHECK(port_refuses(port9));
+    CHECK(port_refuses(port2));
+    mtp_front_gen_release(&g1->g); /* the maker's reference */
+    CHECK(!gen_is_freed(1));       /* g1_client holds it */
+    check_echo(g1_client, 300, 'g', false, false);
+    check_echo(old_client, 300, 'o', false, false);
+    tc_close(g1_client);
+    CHECK(wait_gen_freed(1, 5.0));
+    tc_close(old_client);
+
+    c = tc_open(port0, SECRET_A, MTP_PROTO_ABRIDGED, 2, 0);
+    check_echo(c, 64, 'a', false, false);
+    tc_close(c);
+    CHECK(!gen_is_freed(2));
+
+    /* Worker 2 after a drain: a reload opens no listener, and fronting stays off. */
+    struct sockaddr_storage bound6;
+    uint16_t port6;
+    int rfd6 = reserve_port(&bound6, &port6);
+    struct test_gen *g3 = test_gen_new(3, 2);
+    set_listener(&g3->cfg.listeners[0], "l5", &SECRET_B, 1, MTP_ALLOW_FAKE_TLS);
+    g3->cfg.listeners[0].tls_domains = domains("alice.example", NULL, &g3->cfg.listeners[0].ntls_domains);
+    set_listener(&g3->cfg.listeners[1], "l6", &SECRET_B, 1, MTP_ALLOW_ALL);
+    set_loopback(&g3->cfg.listeners[0]);
+    set_loopback(&g3->cfg.listeners[1]);
+    g3->bound[0] = bound2[0];
+    g3->bound[1] = bound6;
+    CHECK(reconfigure(worker2, &g3->g, mtp_front_worker_stop_accepting) == 0);
+    CHECK(port_refuses(port6));
+    CHECK(port_refuses(port5));
+    mtp_front_gen_release(&g3->g);
+    CHECK(!gen_is_freed(3)); /* worker 2 holds it until it is freed */
+    close(rfd6);
+    mtp_front_gen_release(&g2->g); /* worker 1 holds generation 2 until it is freed */
+    CHECK(!gen_is_freed(2));
+  }
+
   /* 12. Stop with a client still connected: its stream is closed and the loop ends. */
   {
     CHECK(wait_no_streams(5.0));
@@ -1149,7 +1400,9 @@ int main(void) {
   CHECK(metric(MTP_M_PACKETS_FROM_CLIENTS) > 0 && metric(MTP_M_PACKETS_TO_CLIENTS) > 0);
   mtp_front_worker_free(worker);
   mtp_front_worker_free(worker2);
+  CHECK(gen_is_freed(2) && gen_is_freed(3)); /* the workers held the last references */
   CHECK(uv_loop_close(&loop) == 0); /* no handle left behind */
+  close(rfd9);
   close(rfd0);
   close(rfd1);
   close(rfd2);
