@@ -3,15 +3,21 @@
  *
  * The first input byte picks a chunk size (1..256) so the same input also exercises the
  * incremental paths; the rest is fed to mtp_tunnel_decode in chunks of that size until an
- * error. Every decoded frame must pass mtp_tunnel_frame_check and re-encode to a frame that
- * decodes again to the same type. Not built by CMake; build it by hand (after a normal build
- * generated tunnel.pb-c.{c,h} into BUILD/proto):
+ * error. Every decoded frame must pass mtp_tunnel_frame_check and, without the unknown fields
+ * protobuf kept (we never send those on), re-encode to a frame that decodes again to the same
+ * type. (protobuf-c keeps a field whose tag is a non-minimal encoding of 0, "80 00", as an
+ * unknown field but refuses the minimal "00" it would write back: a peer may send it, we
+ * ignore it, and it must not break the property.)
  *
- *   B=build-tunnel
- *   clang -g -O1 -fsanitize=fuzzer,address,undefined -D_GNU_SOURCE -std=c11 \
- *     -Ishared -I$B/proto tests/fuzz/fuzz_tunnel.c shared/tunnel.c shared/alloc.c \
- *     $B/proto/tunnel.pb-c.c -lprotobuf-c -o fuzz_tunnel
- *   ./fuzz_tunnel -max_len=4096 -runs=1000000
+ * Built by CMake (tests/CMakeLists.txt): always as fuzz_tunnel_replay, the unit test that runs
+ * it over tests/fuzz/corpus/tunnel and mutations of it; with -DMTP_FUZZ=ON and CC=clang also
+ * as the libFuzzer binary:
+ *
+ *   CC=clang cmake -S . -B build-fuzz -DMTP_FUZZ=ON && make -C build-fuzz fuzz_tunnel
+ *   mkdir -p /tmp/corpus && build-fuzz/tests/fuzz_tunnel -max_len=4096 -runs=1000000 \
+ *     /tmp/corpus tests/fuzz/corpus/tunnel
+ *
+ * (libFuzzer adds the inputs it finds to the first directory: keep the committed seeds second.)
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -20,7 +26,7 @@
 #include "err.h"
 #include "tunnel.h"
 
-static void recheck(const Mtp__Frame *f) {
+static void recheck(Mtp__Frame *f) {
   if (mtp_tunnel_frame_check(f) != MTP_OK)
     abort();
   if (f->msg_case == MTP__FRAME__MSG__NOT_SET)
@@ -28,10 +34,19 @@ static void recheck(const Mtp__Frame *f) {
   size_t n = mtp_tunnel_frame_size(f);
   if (n == 0)
     abort(); /* decoded frames are never above the limit, so they can be re-sent */
+  /* Every oneof member is a pointer to a message in the same union slot. */
+  ProtobufCMessage *fm = (ProtobufCMessage *)&f->base, *mm = (ProtobufCMessage *)f->hello;
+  unsigned fu = fm->n_unknown_fields, mu = mm->n_unknown_fields;
+  fm->n_unknown_fields = 0;
+  mm->n_unknown_fields = 0;
+  n = mtp_tunnel_frame_size(f);
   uint8_t *buf = malloc(n);
+  ssize_t w = buf != NULL ? mtp_tunnel_encode(f, buf, n) : (ssize_t)n;
+  fm->n_unknown_fields = fu; /* restored so that free releases them */
+  mm->n_unknown_fields = mu;
   if (buf == NULL)
     return;
-  if (mtp_tunnel_encode(f, buf, n) != (ssize_t)n)
+  if (w != (ssize_t)n)
     abort();
   struct mtp_tunnel_dec d;
   mtp_tunnel_dec_init(&d);
