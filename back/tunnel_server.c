@@ -37,6 +37,9 @@
 
 #include "banned.h"
 
+_Static_assert(MTP_TUNNEL_CLOSE_BACKPRESSURE == MTP_LINK_CLOSE_BACKPRESSURE,
+               "the tunnel's backpressure close reason is the link's");
+
 #define DEFAULT_WINDOW ((1u << 20) + (64u << 10))
 #define BACKLOG 1024
 

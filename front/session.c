@@ -464,6 +464,10 @@ static void link_on_close(void *front, int reason) {
   case MTP_LINK_CLOSE_SHUTDOWN:
     session_close(s, NO_METRIC, true, "proxy shutting down");
     break;
+  case MTP_LINK_CLOSE_BACKPRESSURE:
+    mtp_logc(&s->log, MTP_LOG_INFO, "client too slow: the back buffered a whole window for it; closing");
+    session_close(s, MTP_M_CLOSE_BACKPRESSURE, false, "send budget exceeded at the back");
+    break;
   default:
     mtp_logc(&s->log, MTP_LOG_INFO, "stream closed by the back (reason %d)", reason);
     session_close(s, MTP_M_CLOSE_UPSTREAM, true, "upstream failed");

@@ -41,6 +41,8 @@ enum mtp_link_close_reason {
   MTP_LINK_CLOSE_NO_DC = 2,      /* no middle proxy could be reached for the DC */
   MTP_LINK_CLOSE_SHUTDOWN = 3,   /* the process is stopping */
   MTP_LINK_CLOSE_LINK_DOWN = 4,  /* the tunnel to the back dropped (split mode) */
+  MTP_LINK_CLOSE_BACKPRESSURE = 5, /* split mode: the back buffered a whole window for a client
+                                    * that was not reading (MTP_TUNNEL_CLOSE_BACKPRESSURE) */
 };
 
 /* What the back delivers to a front stream. `front` is the pointer given at open. */
