@@ -53,6 +53,32 @@ void mtp_back_stop(struct mtp_back *b);
 /* Frees; call after main_loop has finished. NULL-safe. */
 void mtp_back_free(struct mtp_back *b);
 
+/*
+ * Adds "telegram" to the admin /status object (borrowed): config_loaded; source ("url",
+ * "file" or "cache": where the middle-proxy list in force came from), location (that URL
+ * without credentials or query, or path), secret_source; loaded_at (unix time it was put in
+ * force); age_s (seconds since the older of its two parts was taken from its source; for the
+ * cache, since the cache file was written); last_fetch_ok (unix time of the last fetch that
+ * loaded both parts), last_fetch_error (why the latest fetch failed, null when it did not),
+ * fetches_ok, fetches_failed (fetch rounds); middle_proxies, default_dc; dcs: [{dc, addrs,
+ * connections, clients}] for every DC the config lists or a worker has a pool for (DCs -5..5,
+ * the others summed as "dc": "other"). Fields without a value are null. Thread-safe; does not
+ * block beyond short locks.
+ */
+struct cJSON;
+void mtp_back_status_json(struct mtp_back *b, struct cJSON *status);
+
+/*
+ * The back's Prometheus families (HELP and TYPE included, each family contiguous) for the admin
+ * metrics hook: mtproxy_rpc_connections_by_dc, mtproxy_rpc_clients_by_dc (gauges),
+ * mtproxy_rpc_pool_growth_total, mtproxy_rpc_rotations_total (counters), all {dc="N"} with
+ * the same DC rule as the status; mtproxy_telegram_config_loaded and
+ * mtproxy_telegram_config_age_seconds (gauges; the age has no sample while nothing is loaded).
+ * The workers' numbers are summed at the call, with relaxed loads. Returns a mtp_malloc'ed
+ * string (transfers), or NULL on ENOMEM. Thread-safe.
+ */
+char *mtp_back_metrics_text(struct mtp_back *b);
+
 /* Per-worker part. Runs on `loop` (the worker's thread). */
 int mtp_back_worker_setup(struct mtp_back_worker **out, struct mtp_back *b, uv_loop_t *loop, int index);
 /* The in-process link for the front on the same loop. Borrowed from the worker. */

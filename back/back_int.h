@@ -9,6 +9,7 @@
 #ifndef MTP_BACK_INT_H
 #define MTP_BACK_INT_H
 
+#include <stdatomic.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -33,6 +34,35 @@
 #define MTP_BACK_MAX_PACKET 1044480u
 
 const struct mtp_config *mtp_back_config(const struct mtp_back *b);
+
+/* Per-DC statistics: DCs -5..5 have a slot each (index dc + 5); every other DC shares the last
+ * one, shown as dc="other". */
+#define MTP_BACK_DC_SLOTS 12
+#define MTP_BACK_DC_OTHER (MTP_BACK_DC_SLOTS - 1)
+static inline int mtp_back_dc_slot(int dc) { return dc >= -5 && dc <= 5 ? dc + 5 : MTP_BACK_DC_OTHER; }
+
+/*
+ * One worker's per-DC numbers. Only its worker's thread writes them (relaxed atomic adds: no
+ * lock on the data path); scrapes on the main thread read them with relaxed loads. The back
+ * owns every block (mtp_back_dcstats_new, freed by mtp_back_free), so a scrape never reads a
+ * freed block and the counters outlive their worker.
+ */
+struct mtp_back_dcstats {
+  struct mtp_back_dcstats *_next;              /* in the back's list (guarded by its lock) */
+  _Atomic int64_t conns[MTP_BACK_DC_SLOTS];     /* RPC connections open now, any state */
+  _Atomic int64_t clients[MTP_BACK_DC_SLOTS];   /* streams carried now */
+  _Atomic int64_t growth[MTP_BACK_DC_SLOTS];    /* connections opened because every live one was full */
+  _Atomic int64_t rotations[MTP_BACK_DC_SLOTS]; /* ready connections closed by the middle proxy */
+  _Atomic int64_t used[MTP_BACK_DC_SLOTS];      /* 1 once the worker had a pool for the slot */
+  char _pad[64];                                /* keeps the next heap object off our last line */
+};
+
+/* A zeroed block registered with b (thread-safe; the back owns it). NULL on ENOMEM. */
+struct mtp_back_dcstats *mtp_back_dcstats_new(struct mtp_back *b);
+
+static inline void mtp_back_dc_add(_Atomic int64_t *v, int64_t n) {
+  atomic_fetch_add_explicit(v, n, memory_order_relaxed);
+}
 
 /* A packet taken while the stream's connection was not ready. */
 struct mtp_back_pending {
@@ -101,6 +131,7 @@ struct mtp_back_conn {
 
 struct mtp_back_pool {
   int dc;
+  int slot; /* mtp_back_dc_slot(dc) */
   struct mtp_back_worker *w;
   struct mtp_back_conn *conns; /* owns */
   struct mtp_back_pool *next;
@@ -115,6 +146,7 @@ struct mtp_back_worker {
   int index;
   struct mtp_link link;
   struct mtp_back_pool *pools; /* owns */
+  struct mtp_back_dcstats *stats; /* borrows: owned by the back */
   struct mtp_connmap map;      /* conn_id -> stream */
   bool stopping;
   unsigned long long next_log_id;

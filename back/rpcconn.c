@@ -59,6 +59,7 @@ static void on_handle_closed(uv_handle_t *h) {
   if (--c->handles > 0)
     return;
   mtp_metric_add(MTP_M_RPC_CONNS, -1);
+  mtp_back_dc_add(&c->w->stats->conns[c->pool->slot], -1);
   mtp_back_pool_conn_gone(c);
   mtp_tg_snapshot_release(c->snap);
   c->snap = NULL;
@@ -432,6 +433,7 @@ struct mtp_back_conn *mtp_back_conn_open(struct mtp_back_pool *pool, struct mtp_
   c->pprev = &pool->conns;
   pool->conns = c;
   mtp_metric_add(MTP_M_RPC_CONNS, 1);
+  mtp_back_dc_add(&w->stats->conns[pool->slot], 1);
 
   double tmo = w->cfg->dc_connect_timeout > 0 ? w->cfg->dc_connect_timeout : 10;
   uv_timer_start(&c->timer, on_timeout, (uint64_t)(tmo * 1000.0) + 1, 0);

@@ -332,3 +332,34 @@ int mtp_tgconf_cache_read(const char *dir, const char *name, uint8_t **out, size
   }
   return read_file(path, out, len, err, errlen);
 }
+
+int mtp_tgconf_cache_mtime(const char *dir, const char *name, int64_t *mtime) {
+  char path[4096];
+  struct stat st;
+  *mtime = 0;
+  if (join_path(path, sizeof(path), dir, name, "") < 0 || stat(path, &st) < 0)
+    return MTP_EIO;
+  *mtime = (int64_t)st.st_mtime;
+  return MTP_OK;
+}
+
+void mtp_tgconf_redact_source(const char *src, char *out, size_t outlen) {
+  if (outlen == 0)
+    return;
+  out[0] = 0;
+  if (src == NULL)
+    return;
+  if (!mtp_tgconf_is_url(src)) {
+    snprintf(out, outlen, "%s", src);
+    return;
+  }
+  const char *auth = strstr(src, "://") + 3;
+  size_t auth_len = strcspn(auth, "/?#");
+  /* userinfo ends at the last '@' of the authority */
+  const char *host = auth;
+  for (size_t i = 0; i < auth_len; i++)
+    if (auth[i] == '@')
+      host = auth + i + 1;
+  size_t rest_len = strcspn(host, "?#");
+  snprintf(out, outlen, "%.*s%.*s", (int)(auth - src), src, (int)rest_len, host);
+}

@@ -55,6 +55,14 @@ int mtp_tgconf_cache_write(const char *dir, const char *name, const uint8_t *dat
 int mtp_tgconf_cache_read(const char *dir, const char *name, uint8_t **out, size_t *len, char *err,
                           size_t errlen);
 
+/* The cache file's modification time (unix seconds) in *mtime. MTP_OK or MTP_EIO. Blocking. */
+int mtp_tgconf_cache_mtime(const char *dir, const char *name, int64_t *mtime);
+
+/* Writes src into out (always NUL-terminated, truncated to outlen) for status pages and logs:
+ * a URL loses its user:password@ part and its query and fragment (they may hold credentials);
+ * a path is copied as is. */
+void mtp_tgconf_redact_source(const char *src, char *out, size_t outlen);
+
 /* ---- test hooks (main loop thread) ---- */
 
 /* Starts a fetch now, unless one is running (then nothing happens). */

@@ -87,6 +87,7 @@ static void stream_destroy(struct mtp_back_stream *s) {
     mtp_connmap_del(&s->w->map, s->conn_id);
   stream_free_pending(s);
   mtp_metric_add(MTP_M_RPC_STREAMS, -1);
+  mtp_back_dc_add(&s->w->stats->clients[s->pool->slot], -1);
   mtp_free(s);
 }
 
@@ -109,10 +110,12 @@ static struct mtp_back_pool *get_pool(struct mtp_back_worker *w, int dc) {
   if (p == NULL)
     return NULL;
   p->dc = dc;
+  p->slot = mtp_back_dc_slot(dc);
   p->w = w;
   p->last_failed = -1;
   p->next = w->pools;
   w->pools = p;
+  atomic_store_explicit(&w->stats->used[p->slot], 1, memory_order_relaxed);
   return p;
 }
 
@@ -142,12 +145,16 @@ static struct mtp_back_conn *open_conn(struct mtp_back_pool *pool, int *err) {
 }
 
 /* The connection that should take one more stream: the least loaded ready one with room,
- * else a connecting one with room, else a new one. */
+ * else a connecting one with room, else a new one (pool growth when live ones were all full). */
 static struct mtp_back_conn *pick_conn(struct mtp_back_pool *pool, int *err) {
   size_t max = pool->w->cfg->dc_conn_max_clients ? pool->w->cfg->dc_conn_max_clients : 300;
   struct mtp_back_conn *best = NULL, *connecting = NULL;
+  bool has_live = false;
   for (struct mtp_back_conn *c = pool->conns; c != NULL; c = c->next) {
-    if (c->state == MTP_BACK_CONN_CLOSING || c->nstreams >= max)
+    if (c->state == MTP_BACK_CONN_CLOSING)
+      continue;
+    has_live = true;
+    if (c->nstreams >= max)
       continue;
     if (c->state == MTP_BACK_CONN_READY) {
       if (best == NULL || c->nstreams < best->nstreams)
@@ -160,7 +167,10 @@ static struct mtp_back_conn *pick_conn(struct mtp_back_pool *pool, int *err) {
     return best;
   if (connecting != NULL)
     return connecting;
-  return open_conn(pool, err);
+  struct mtp_back_conn *c = open_conn(pool, err);
+  if (c != NULL && has_live)
+    mtp_back_dc_add(&pool->w->stats->growth[pool->slot], 1);
+  return c;
 }
 
 /* Sends s's pending packets while c is READY; what is left (c failed) stays pending. */
@@ -220,6 +230,10 @@ void mtp_back_pool_conn_gone(struct mtp_back_conn *c) {
     c->next->pprev = c->pprev;
   c->next = NULL;
   c->pprev = NULL;
+
+  /* Telegram rotates its connections by closing them (or the middle proxy restarted). */
+  if (c->was_ready && (c->fail_err == MTP_ECLOSED || c->fail_err == UV_ECONNRESET))
+    mtp_back_dc_add(&w->stats->rotations[pool->slot], 1);
 
   struct mtp_back_stream *local = NULL;
   detach_all(c, &local);
@@ -404,6 +418,7 @@ static void *link_open(struct mtp_link *link, const struct mtp_link_open *req, v
     return NULL;
   }
   mtp_metric_add(MTP_M_RPC_STREAMS, 1);
+  mtp_back_dc_add(&w->stats->clients[pool->slot], 1);
   return s;
 }
 
@@ -476,6 +491,11 @@ int mtp_back_worker_setup(struct mtp_back_worker **out, struct mtp_back *b, uv_l
   struct mtp_back_worker *w = mtp_calloc(1, sizeof(*w));
   if (w == NULL)
     return MTP_ENOMEM;
+  w->stats = mtp_back_dcstats_new(b);
+  if (w->stats == NULL) {
+    mtp_free(w);
+    return MTP_ENOMEM;
+  }
   w->back = b;
   w->cfg = mtp_back_config(b);
   w->loop = loop;

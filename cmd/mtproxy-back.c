@@ -115,17 +115,7 @@ static struct back_ctx g_ctx;
 /* /status: what the back knows of Telegram's config, and its fronts. */
 static void admin_status(void *ctx, cJSON *st) {
   struct back_ctx *c = ctx;
-  struct mtp_tg_snapshot *snap = mtp_back_snapshot(c->back);
-  cJSON *t = cJSON_AddObjectToObject(st, "telegram");
-  if (t != NULL) {
-    cJSON_AddBoolToObject(t, "config_loaded", snap != NULL);
-    if (snap != NULL) {
-      cJSON_AddNumberToObject(t, "middle_proxies", (double)snap->cfg.naddrs);
-      if (snap->cfg.has_default)
-        cJSON_AddNumberToObject(t, "default_dc", snap->cfg.default_dc);
-    }
-  }
-  mtp_tg_snapshot_release(snap);
+  mtp_back_status_json(c->back, st);
   int64_t m[MTP_M__COUNT];
   mtp_metrics_sum(m);
   cJSON *tun = cJSON_AddObjectToObject(st, "tunnel");
@@ -137,6 +127,9 @@ static void admin_status(void *ctx, cJSON *st) {
     cJSON_AddNumberToObject(tun, "streams", (double)m[MTP_M_TUNNEL_STREAMS]);
   }
 }
+
+/* /metrics: the back's per-DC and Telegram config families. */
+static char *admin_metrics(void *ctx) { return mtp_back_metrics_text(((struct back_ctx *)ctx)->back); }
 
 static void on_stop(struct mtp_app *app) {
   mtp_app_stop(app);
@@ -169,34 +162,6 @@ static const char *check_tunnel_conf(const struct mtp_config *cfg, char *err, si
   return NULL;
 }
 
-/*
- * mtp_config_load insists on client listeners with secrets, which a back has no use for. When
- * that is its only complaint, load again with a placeholder listener (dropped in main). Once the
- * loader accepts a config without listeners when tunnel_listen is set, the first load succeeds
- * and this is never taken.
- */
-static int load_config(int argc, char **argv, struct mtp_config *cfg, bool *help, bool *placeholder, char *err,
-                       size_t errlen) {
-  *placeholder = false;
-  int rc = mtp_config_load(argc, argv, cfg, help, err, errlen);
-  if (rc == MTP_OK || (strncmp(err, "no listeners", 12) != 0 && strncmp(err, "no secret", 9) != 0))
-    return rc;
-  char **args = mtp_calloc((size_t)argc + 5, sizeof(*args));
-  if (args == NULL)
-    return rc;
-  for (int i = 0; i < argc; i++)
-    args[i] = argv[i];
-  args[argc] = "--listen";
-  args[argc + 1] = "127.0.0.1:0";
-  args[argc + 2] = "--secret";
-  args[argc + 3] = "00000000000000000000000000000000";
-  char err2[512];
-  rc = mtp_config_load(argc + 4, args, cfg, help, err2, sizeof(err2));
-  mtp_free(args);
-  *placeholder = rc == MTP_OK;
-  return rc;
-}
-
 int main(int argc, char **argv) {
   signal(SIGPIPE, SIG_IGN);
   if (argc >= 2 && strcmp(argv[1], "certs") == 0)
@@ -204,8 +169,8 @@ int main(int argc, char **argv) {
 
   struct mtp_config cfg;
   char err[512];
-  bool help = false, placeholder = false;
-  if (load_config(argc - 1, argv + 1, &cfg, &help, &placeholder, err, sizeof(err)) != MTP_OK) {
+  bool help = false;
+  if (mtp_config_load_flags(argc - 1, argv + 1, MTP_CONFIG_NO_CLIENTS, &cfg, &help, err, sizeof(err)) != MTP_OK) {
     fprintf(stderr, "mtproxy-back: %s\n", err);
     return 2;
   }
@@ -227,7 +192,7 @@ int main(int argc, char **argv) {
   /* The back serves no clients itself: its view of the config has no listeners (they stay
    * owned by cfg and are freed with it). */
   struct mtp_config back_cfg = cfg;
-  if (cfg.nlisteners > 0 && !placeholder)
+  if (cfg.nlisteners > 0)
     mtp_log(MTP_LOG_WARN, "mtproxy-back ignores the %zu client listener%s of its config (they belong to the fronts)",
             cfg.nlisteners, cfg.nlisteners == 1 ? "" : "s");
   back_cfg.listeners = NULL;
@@ -249,7 +214,7 @@ int main(int argc, char **argv) {
   if (rc == MTP_OK)
     rc = mtp_back_setup(&g_ctx.back, &back_cfg, mtp_app_loop(app));
   if (rc == MTP_OK) {
-    struct mtp_admin_hooks hooks = {.ctx = &g_ctx, .status = admin_status};
+    struct mtp_admin_hooks hooks = {.ctx = &g_ctx, .status = admin_status, .metrics = admin_metrics};
     mtp_admin_add_hooks(mtp_app_admin(app), &hooks);
   }
   if (rc == MTP_OK && mtp_back_wait_ready(g_ctx.back, 30000) != MTP_OK && !mtp_app_is_stopping(app))

@@ -77,20 +77,9 @@ static void both_free(void *state) {
 
 static struct mtp_back *g_back;
 
-/* /status: what the back knows of Telegram's config. */
-static void admin_status(void *ctx, cJSON *st) {
-  struct mtp_tg_snapshot *snap = mtp_back_snapshot(g_back);
-  cJSON *t = cJSON_AddObjectToObject(st, "telegram");
-  if (t != NULL) {
-    cJSON_AddBoolToObject(t, "config_loaded", snap != NULL);
-    if (snap != NULL) {
-      cJSON_AddNumberToObject(t, "middle_proxies", (double)snap->cfg.naddrs);
-      if (snap->cfg.has_default)
-        cJSON_AddNumberToObject(t, "default_dc", snap->cfg.default_dc);
-    }
-  }
-  mtp_tg_snapshot_release(snap);
-}
+/* /status and /metrics: Telegram's config (source, age, fetches) and the DC pools. */
+static void admin_status(void *ctx, cJSON *st) { mtp_back_status_json(g_back, st); }
+static char *admin_metrics(void *ctx) { return mtp_back_metrics_text(g_back); }
 
 static void on_stop(struct mtp_app *app) {
   mtp_app_stop(app);
@@ -144,7 +133,7 @@ int main(int argc, char **argv) {
     rc = mtp_frontsvc_setup(&g_front, app, &cfg);
   struct mtp_policy *policy = g_front.policy;
   if (rc == MTP_OK) {
-    struct mtp_admin_hooks hooks = {.status = admin_status};
+    struct mtp_admin_hooks hooks = {.status = admin_status, .metrics = admin_metrics};
     mtp_admin_add_hooks(mtp_app_admin(app), &hooks);
     mtp_app_set_qr(app, qr);
   }
@@ -158,7 +147,7 @@ int main(int argc, char **argv) {
   }
   struct mtp_reload *reload = NULL;
   if (rc == MTP_OK && !mtp_app_is_stopping(app)) {
-    struct mtp_reload_opts ro = {.app = app, .cfg = &cfg, .policy = policy, .front_of = both_front};
+    struct mtp_reload_opts ro = {.app = app, .cfg = &cfg, .policy = policy, .frontsvc = &g_front, .front_of = both_front};
     rc = mtp_reload_setup(&reload, &ro);
   }
   if (rc != MTP_OK) {

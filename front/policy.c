@@ -1248,7 +1248,7 @@ static int write_file(struct mtp_policy *p, char *err, size_t errlen) {
       unlink(tmp);
   }
   if (rc != MTP_OK)
-    snprintf(err, errlen, "tables file %s: cannot %s %s: %s", p->path, what, tmp, strerror(e));
+    snprintf(err, errlen, "tables file %s: cannot %s its temporary copy: %s", p->path, what, strerror(e));
   else
     (void)fsync_dir_of(p->path); /* the rename is durable; a failure here changes nothing we can fix */
   cJSON_free(text);

@@ -1677,6 +1677,11 @@ int mtp_config_parse_json(const char *text, const char *name, struct mtp_config 
 }
 
 int mtp_config_load(int argc, char **argv, struct mtp_config *cfg, bool *show_help, char *err, size_t errlen) {
+  return mtp_config_load_flags(argc, argv, 0, cfg, show_help, err, errlen);
+}
+
+int mtp_config_load_flags(int argc, char **argv, unsigned flags, struct mtp_config *cfg, bool *show_help, char *err,
+                          size_t errlen) {
   struct opt *opts = NULL;
   size_t nopts = 0;
   struct mtp_config tmp;
@@ -1725,6 +1730,7 @@ int mtp_config_load(int argc, char **argv, struct mtp_config *cfg, bool *show_he
   if (rc != MTP_OK)
     goto out;
   tmp._argc = argc;
+  tmp._flags = flags;
 
   for (size_t i = 0; i < nopts; i++) {
     if (opts[i].id == F_CONFIG)
@@ -1864,7 +1870,7 @@ int mtp_config_load(int argc, char **argv, struct mtp_config *cfg, bool *show_he
     }
   }
 
-  if (tmp.nlisteners == 0) {
+  if (tmp.nlisteners == 0 && (flags & MTP_CONFIG_NO_CLIENTS) == 0) {
     rc = EINVALF("no listeners: give --port P or --listen ADDR:PORT or listeners in the config");
     goto out;
   }
@@ -2100,7 +2106,7 @@ int mtp_config_reload(const struct mtp_config *old, struct mtp_config *out, char
     err[0] = '\0';
   if (old->_argv == NULL)
     return EINVALF("reload: this configuration was not made by mtp_config_load, so there is nothing to re-read");
-  int rc = mtp_config_load(old->_argc, old->_argv, &tmp, &help, err, errlen);
+  int rc = mtp_config_load_flags(old->_argc, old->_argv, old->_flags, &tmp, &help, err, errlen);
   if (rc != MTP_OK)
     return rc; /* tmp was zeroed by the load */
   if (help)

@@ -140,6 +140,7 @@ struct mtp_config {
   char **_argv;                  /* owns: a copy of the argv mtp_config_load was given, NULL-terminated;
                                   * NULL when the config was not made by mtp_config_load */
   int _argc;
+  unsigned _flags;               /* the MTP_CONFIG_* flags it was loaded with */
 };
 
 /*
@@ -150,6 +151,13 @@ struct mtp_config {
  * *show_help is set when --help was given (cfg is then untouched).
  */
 int mtp_config_load(int argc, char **argv, struct mtp_config *cfg, bool *show_help, char *err, size_t errlen);
+
+/* For executables that serve no clients (mtproxy-back): client listeners are optional (any
+ * given are still validated, secrets included). */
+#define MTP_CONFIG_NO_CLIENTS 0x1u
+/* mtp_config_load with MTP_CONFIG_* flags; reload keeps them. */
+int mtp_config_load_flags(int argc, char **argv, unsigned flags, struct mtp_config *cfg, bool *show_help, char *err,
+                          size_t errlen);
 
 /* Parses the JSON text as a config file named `name` onto cfg (start from mtp_config_defaults),
  * then runs the checks that involve several keys and derives replay_max_age, as mtp_config_load

@@ -2,9 +2,13 @@
  * test_back_tgconf.c - the back's Telegram config: loading from files and URLs (a tiny HTTP
  * server on 127.0.0.1 in a thread), validation (short secret, malformed list), the rule that
  * a failed or malformed load never replaces the last good snapshot, the on-disk cache
- * (atomic write, modes, loading at start), snapshot references, and a clean stop.
+ * (atomic write, modes, loading at start), snapshot references, and a clean stop. Also what
+ * the status page and metrics say about the config in force: source, location (URL
+ * credentials and query removed), load time and age (a cache's age from its file), and the
+ * fetch history (last success, last error, counts).
  */
 #include <arpa/inet.h>
+#include <cjson/cJSON.h>
 #include <errno.h>
 #include <netinet/in.h>
 #include <pthread.h>
@@ -14,10 +18,13 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/time.h>
+#include <time.h>
 #include <unistd.h>
 #include <uv.h>
 #include <dirent.h>
 
+#include "alloc.h"
 #include "back.h"
 #include "config.h"
 #include "err.h"
@@ -96,6 +103,60 @@ static void finish(uv_loop_t *loop, struct mtp_back *b) {
   CHECK(uv_loop_close(loop) == 0);
 }
 
+/* ---- status and metrics ---- */
+
+/* The back's "telegram" status, printed and parsed back. Caller deletes the returned root. */
+static cJSON *status_of(struct mtp_back *b, cJSON **tg) {
+  cJSON *st = cJSON_CreateObject();
+  mtp_back_status_json(b, st);
+  char *txt = cJSON_PrintUnformatted(st);
+  cJSON_Delete(st);
+  cJSON *root = txt != NULL ? cJSON_Parse(txt) : NULL;
+  cJSON_free(txt);
+  CHECK(root != NULL);
+  *tg = cJSON_GetObjectItemCaseSensitive(root, "telegram");
+  CHECK(cJSON_IsObject(*tg));
+  return root;
+}
+
+/* A string member, or NULL when it is null (CHECKs it is one or the other). */
+static const char *str_of(const cJSON *o, const char *name) {
+  const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, name);
+  CHECK(cJSON_IsString(v) || cJSON_IsNull(v));
+  return cJSON_IsString(v) ? v->valuestring : NULL;
+}
+
+/* A number member, or -1 when it is null (CHECKs it is one or the other). */
+static double num_of(const cJSON *o, const char *name) {
+  const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, name);
+  CHECK(cJSON_IsNumber(v) || cJSON_IsNull(v));
+  return cJSON_IsNumber(v) ? v->valuedouble : -1;
+}
+
+static bool str_is(const char *a, const char *b) { return a != NULL && b != NULL && strcmp(a, b) == 0; }
+
+/* The unlabelled sample `name` of the back's metrics, or -1 when there is none. */
+static int64_t back_metric(struct mtp_back *b, const char *name) {
+  char *text = mtp_back_metrics_text(b);
+  CHECK(text != NULL);
+  if (text == NULL)
+    return -2;
+  char key[128];
+  snprintf(key, sizeof(key), "\n%s ", name);
+  const char *p = strstr(text, key);
+  int64_t v = p != NULL ? strtoll(p + strlen(key), NULL, 10) : -1;
+  mtp_free(text);
+  return v;
+}
+
+/* Sets a file's modification time to `ago` seconds before now. */
+static void age_file(const char *path, int64_t ago) {
+  struct timeval tv[2];
+  tv[0].tv_sec = tv[1].tv_sec = (time_t)((int64_t)time(NULL) - ago);
+  tv[0].tv_usec = tv[1].tv_usec = 0;
+  CHECK(utimes(path, tv) == 0);
+}
+
 /* ---- tiny HTTP server ---- */
 
 static int http_fd;
@@ -136,7 +197,7 @@ static void *http_main(void *arg) {
     req[got] = 0;
     if (strncmp(req, "GET /secret ", 12) == 0) {
       http_reply(c, 200, "", SECRET, sizeof(SECRET));
-    } else if (strncmp(req, "GET /conf ", 10) == 0) {
+    } else if (strncmp(req, "GET /conf ", 10) == 0 || strncmp(req, "GET /conf?", 10) == 0) {
       http_reply(c, 200, "", CONF2, strlen(CONF2));
     } else if (strncmp(req, "GET /redir ", 11) == 0) {
       http_reply(c, 302, "Location: /secret\r\n", "", 0);
@@ -227,6 +288,28 @@ static void test_build(void) {
   CHECK(mtp_tgconf_check_secret(16, err, sizeof(err)) == MTP_OK);
 }
 
+static void test_redact(void) {
+  static const struct {
+    const char *in, *out;
+  } v[] = {
+      {"https://core.telegram.org/getProxyConfig", "https://core.telegram.org/getProxyConfig"},
+      {"https://user:pw@example.com:8443/a/b?token=1#frag", "https://example.com:8443/a/b"},
+      {"HTTP://a@b@host/x", "HTTP://host/x"},
+      {"http://host?q=1", "http://host"},
+      {"http://u:p@host", "http://host"},
+      {"/etc/mtproxy/proxy-multi.conf", "/etc/mtproxy/proxy-multi.conf"},
+      {"relative?not-a-query", "relative?not-a-query"},
+  };
+  for (size_t i = 0; i < sizeof(v) / sizeof(v[0]); i++) {
+    char out[128];
+    mtp_tgconf_redact_source(v[i].in, out, sizeof(out));
+    CHECK(strcmp(out, v[i].out) == 0);
+  }
+  char small[8];
+  mtp_tgconf_redact_source("https://example.com/", small, sizeof(small));
+  CHECK(strcmp(small, "https:/") == 0); /* truncated, terminated */
+}
+
 static int count_entries(const char *dir) {
   DIR *d = opendir(dir);
   CHECK(d != NULL);
@@ -265,9 +348,32 @@ static void test_back_files_and_refresh(void) {
 
   uv_loop_t loop;
   struct mtp_config cfg;
+  int64_t t0 = (int64_t)time(NULL);
   struct mtp_back *b = start_back(&loop, &cfg, check_path("secret"), check_path("conf"), check_path("cache1"));
   CHECK(mtp_back_snapshot(b) == NULL); /* nothing cached yet, nothing fetched yet */
+  cJSON *tg, *root = status_of(b, &tg);
+  CHECK(cJSON_IsFalse(cJSON_GetObjectItemCaseSensitive(tg, "config_loaded")));
+  CHECK(str_of(tg, "source") == NULL && num_of(tg, "loaded_at") == -1 && num_of(tg, "age_s") == -1);
+  CHECK(num_of(tg, "fetches_ok") == 0 && num_of(tg, "last_fetch_ok") == -1);
+  cJSON_Delete(root);
   CHECK(mtp_back_wait_ready(b, 5000) == MTP_OK);
+  /* in force: from the files, loaded just now; the fetch is recorded */
+  root = status_of(b, &tg);
+  int64_t now = (int64_t)time(NULL);
+  CHECK(cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(tg, "config_loaded")));
+  CHECK(str_is(str_of(tg, "source"), "file") && str_is(str_of(tg, "secret_source"), "file"));
+  CHECK(str_is(str_of(tg, "location"), check_path("conf")));
+  CHECK(num_of(tg, "loaded_at") >= (double)t0 && num_of(tg, "loaded_at") <= (double)now);
+  CHECK(num_of(tg, "age_s") >= 0 && num_of(tg, "age_s") <= (double)(now - t0));
+  double last_ok = num_of(tg, "last_fetch_ok");
+  CHECK(last_ok >= (double)t0 && last_ok <= (double)now);
+  CHECK(str_of(tg, "last_fetch_error") == NULL);
+  CHECK(num_of(tg, "fetches_ok") == 1 && num_of(tg, "fetches_failed") == 0);
+  CHECK(num_of(tg, "middle_proxies") == 2 && num_of(tg, "default_dc") == 2);
+  cJSON_Delete(root);
+  CHECK(back_metric(b, "mtproxy_telegram_config_loaded") == 1);
+  CHECK(back_metric(b, "mtproxy_telegram_config_age_seconds") >= 0 &&
+        back_metric(b, "mtproxy_telegram_config_age_seconds") <= now - t0 + 1);
   struct mtp_tg_snapshot *s1 = mtp_back_snapshot(b);
   CHECK(s1 != NULL && s1->cfg.naddrs == 2 && s1->secret_len == sizeof(SECRET));
   CHECK(memcmp(s1->secret, SECRET, sizeof(SECRET)) == 0);
@@ -286,6 +392,13 @@ static void test_back_files_and_refresh(void) {
   CHECK(metric(MTP_M_TGCONF_FETCH_FAIL) == fail0 + 1);
   CHECK(stat(check_path("cache1/" MTP_TGCONF_CACHE_CONFIG), &st) == 0 && st.st_size == (off_t)strlen(CONF2));
   mtp_tg_snapshot_release(s2);
+  /* the status says why; the secret did load, but the config in force is still the first */
+  root = status_of(b, &tg);
+  const char *why = str_of(tg, "last_fetch_error");
+  CHECK(why != NULL && strstr(why, "proxy config: malformed") != NULL && strstr(why, "proxy secret") == NULL);
+  CHECK(num_of(tg, "fetches_ok") == 1 && num_of(tg, "fetches_failed") == 1);
+  CHECK(num_of(tg, "last_fetch_ok") == last_ok && str_is(str_of(tg, "source"), "file"));
+  cJSON_Delete(root);
 
   /* missing sources: still the last good snapshot */
   remove(check_path("conf"));
@@ -293,6 +406,12 @@ static void test_back_files_and_refresh(void) {
   refresh_and_wait(&loop, b);
   expect_snapshot(b, 2, sizeof(SECRET));
   CHECK(metric(MTP_M_TGCONF_FETCH_FAIL) == fail0 + 3);
+  root = status_of(b, &tg);
+  why = str_of(tg, "last_fetch_error");
+  CHECK(why != NULL && strstr(why, "proxy secret: proxy secret is 5 bytes") != NULL &&
+        strstr(why, "; proxy config: cannot open") != NULL);
+  CHECK(num_of(tg, "fetches_failed") == 2);
+  cJSON_Delete(root);
 
   /* a good new list replaces it; the old snapshot stays valid while referenced */
   check_write_file("secret", SECRET, sizeof(SECRET));
@@ -305,6 +424,11 @@ static void test_back_files_and_refresh(void) {
   mtp_tg_snapshot_release(s1);
   mtp_tg_snapshot_release(s2);
   CHECK(stat(check_path("cache1/" MTP_TGCONF_CACHE_CONFIG), &st) == 0 && st.st_size == (off_t)strlen(CONF3));
+  /* a good fetch clears the error */
+  root = status_of(b, &tg);
+  CHECK(str_of(tg, "last_fetch_error") == NULL && num_of(tg, "fetches_ok") == 2 && num_of(tg, "middle_proxies") == 3);
+  CHECK(num_of(tg, "last_fetch_ok") >= last_ok);
+  cJSON_Delete(root);
 
   finish(&loop, b);
 }
@@ -312,14 +436,47 @@ static void test_back_files_and_refresh(void) {
 static void test_back_cache_first(void) {
   uv_loop_t loop;
   struct mtp_config cfg;
+  /* the cache was written by the previous test (CONF3): make its list 2000 s old, its secret 1000 s */
+  age_file(check_path("cache1/" MTP_TGCONF_CACHE_CONFIG), 2000);
+  age_file(check_path("cache1/" MTP_TGCONF_CACHE_SECRET), 1000);
+  int64_t t0 = (int64_t)time(NULL);
   struct mtp_back *b = start_back(&loop, &cfg, check_path("no-such-secret"), check_path("no-such-conf"),
-                                  check_path("cache1")); /* written by the previous test: CONF3 */
+                                  check_path("cache1"));
   expect_snapshot(b, 3, sizeof(SECRET)); /* before the loop ran at all */
+  /* in force from the cache: the age is the older file's, the load time is now */
+  cJSON *tg, *root = status_of(b, &tg);
+  int64_t now = (int64_t)time(NULL);
+  CHECK(str_is(str_of(tg, "source"), "cache") && str_is(str_of(tg, "secret_source"), "cache"));
+  CHECK(str_is(str_of(tg, "location"), check_path("cache1/" MTP_TGCONF_CACHE_CONFIG)));
+  CHECK(num_of(tg, "loaded_at") >= (double)t0 && num_of(tg, "loaded_at") <= (double)now);
+  CHECK(num_of(tg, "age_s") >= 2000 && num_of(tg, "age_s") <= (double)(2000 + now - t0 + 1));
+  CHECK(num_of(tg, "fetches_ok") == 0 && num_of(tg, "fetches_failed") == 0);
+  CHECK(num_of(tg, "last_fetch_ok") == -1 && str_of(tg, "last_fetch_error") == NULL);
+  cJSON_Delete(root);
+  int64_t age = back_metric(b, "mtproxy_telegram_config_age_seconds");
+  CHECK(age >= 2000 && age <= 2000 + now - t0 + 1);
   CHECK(mtp_back_wait_ready(b, 10) == MTP_OK);
   int64_t fail0 = metric(MTP_M_TGCONF_FETCH_FAIL);
   run_until_fetches(&loop, b, 1);
   CHECK(metric(MTP_M_TGCONF_FETCH_FAIL) == fail0 + 2);
   expect_snapshot(b, 3, 0);
+  /* the sources failed: said so, and the cache stays in force */
+  root = status_of(b, &tg);
+  const char *why = str_of(tg, "last_fetch_error");
+  CHECK(why != NULL && strstr(why, "proxy secret: cannot open") != NULL && strstr(why, "proxy config: cannot open"));
+  CHECK(num_of(tg, "fetches_ok") == 0 && num_of(tg, "fetches_failed") == 1 && num_of(tg, "last_fetch_ok") == -1);
+  CHECK(str_is(str_of(tg, "source"), "cache") && num_of(tg, "age_s") >= 2000);
+  cJSON_Delete(root);
+  finish(&loop, b);
+
+  /* the age is the older part's: now the secret's */
+  age_file(check_path("cache1/" MTP_TGCONF_CACHE_CONFIG), 500);
+  age_file(check_path("cache1/" MTP_TGCONF_CACHE_SECRET), 3000);
+  t0 = (int64_t)time(NULL);
+  uv_loop_init(&loop);
+  CHECK(mtp_back_setup(&b, &cfg, &loop) == MTP_OK);
+  age = back_metric(b, "mtproxy_telegram_config_age_seconds");
+  CHECK(age >= 3000 && age <= 3000 + (int64_t)time(NULL) - t0 + 1);
   finish(&loop, b);
 
   /* a corrupt cache is ignored */
@@ -338,6 +495,18 @@ static void test_back_short_secret(void) {
   struct mtp_back *b = start_back(&loop, &cfg, check_path("short"), check_path("conf"), NULL);
   CHECK(mtp_back_wait_ready(b, 300) == MTP_ENOCONFIG);
   CHECK(mtp_back_snapshot(b) == NULL);
+  run_until_fetches(&loop, b, 1);
+  /* nothing in force: no age sample, the reason in the status */
+  CHECK(back_metric(b, "mtproxy_telegram_config_loaded") == 0);
+  CHECK(back_metric(b, "mtproxy_telegram_config_age_seconds") == -1);
+  cJSON *tg, *root = status_of(b, &tg);
+  CHECK(cJSON_IsFalse(cJSON_GetObjectItemCaseSensitive(tg, "config_loaded")));
+  CHECK(str_of(tg, "source") == NULL && num_of(tg, "age_s") == -1 && num_of(tg, "last_fetch_ok") == -1);
+  const char *why = str_of(tg, "last_fetch_error");
+  CHECK(why != NULL && strstr(why, "10 bytes") != NULL);
+  CHECK(num_of(tg, "fetches_failed") == 1);
+  CHECK(cJSON_GetArraySize(cJSON_GetObjectItemCaseSensitive(tg, "dcs")) == 0);
+  cJSON_Delete(root);
   finish(&loop, b);
 }
 
@@ -359,15 +528,31 @@ static void test_http(void) {
   /* the whole back through URLs; then the config URL starts failing */
   uv_loop_t loop;
   struct mtp_config cfg;
-  struct mtp_back *b = start_back(&loop, &cfg, url_of("/secret"), url_of("/conf"), NULL);
+  /* credentials and a query in the URL: never shown */
+  char conf_url[160], shown[160];
+  snprintf(conf_url, sizeof(conf_url), "http://user:pw@127.0.0.1:%u/conf?token=abc#x", http_port);
+  snprintf(shown, sizeof(shown), "http://127.0.0.1:%u/conf", http_port);
+  struct mtp_back *b = start_back(&loop, &cfg, url_of("/secret"), conf_url, NULL);
   CHECK(mtp_back_wait_ready(b, 10000) == MTP_OK);
   expect_snapshot(b, 2, sizeof(SECRET));
   run_until_fetches(&loop, b, 1);
+  cJSON *tg, *root = status_of(b, &tg);
+  CHECK(str_is(str_of(tg, "source"), "url") && str_is(str_of(tg, "secret_source"), "url"));
+  CHECK(str_is(str_of(tg, "location"), shown));
+  char *txt = cJSON_PrintUnformatted(root);
+  CHECK(txt != NULL && strstr(txt, "pw") == NULL && strstr(txt, "token") == NULL);
+  cJSON_free(txt);
+  cJSON_Delete(root);
   cfg.proxy_config = url_of("/fail");
   int64_t fail0 = metric(MTP_M_TGCONF_FETCH_FAIL);
   refresh_and_wait(&loop, b);
   CHECK(metric(MTP_M_TGCONF_FETCH_FAIL) == fail0 + 1);
   expect_snapshot(b, 2, 0);
+  root = status_of(b, &tg);
+  const char *why = str_of(tg, "last_fetch_error");
+  CHECK(why != NULL && strstr(why, "proxy config: HTTP status 500") != NULL);
+  CHECK(str_is(str_of(tg, "source"), "url") && num_of(tg, "fetches_failed") == 1 && num_of(tg, "fetches_ok") == 1);
+  cJSON_Delete(root);
   finish(&loop, b);
 }
 
@@ -390,6 +575,7 @@ int main(void) {
   http_start();
   test_read_source_files();
   test_build();
+  test_redact();
   test_cache_write_read();
   test_back_files_and_refresh();
   test_back_cache_first();

@@ -4,18 +4,23 @@
  * and ad_tag, quick acks, RPC_CLOSE_EXT, RPC_CLOSE_CONN (also from inside on_packet),
  * migration of idle streams when Telegram closes a connection, UPSTREAM for streams with a
  * packet in flight, NO_DC after bounded retries, the handshake timeout, backpressure
- * (MTP_LINK_FULL then on_writable), and a clean shutdown.
+ * (MTP_LINK_FULL then on_writable), and a clean shutdown. Also the per-DC numbers of
+ * mtp_back_metrics_text / mtp_back_status_json (connections, clients, pool growth, rotations)
+ * and that the gauges return to 0.
  */
 #include <arpa/inet.h>
+#include <cjson/cJSON.h>
 #include <netinet/in.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 #include <uv.h>
 
+#include "alloc.h"
 #include "back.h"
 #include "err.h"
 #include "fake_middle.h"
@@ -32,6 +37,98 @@ static int64_t metric(enum mtp_metric m) {
   int64_t v[MTP_M__COUNT];
   mtp_metrics_sum(v);
   return v[m];
+}
+
+/* ---- the back's metrics text and status ---- */
+
+/* Checks the exposition format: HELP then TYPE once per family, a family's samples right after
+ * its TYPE (families contiguous), each sample "name{labels} integer" or "name integer". */
+static void check_prom_text(const char *text) {
+  char seen[32][64];
+  int nseen = 0;
+  char cur[64] = "";
+  const char *p = text;
+  while (*p != 0) {
+    const char *nl = strchr(p, '\n');
+    CHECK(nl != NULL); /* every line ends with a newline */
+    if (nl == NULL)
+      return;
+    char line[512];
+    snprintf(line, sizeof(line), "%.*s", (int)(nl - p), p);
+    p = nl + 1;
+    char name[64], type[16];
+    if (strncmp(line, "# HELP ", 7) == 0) {
+      CHECK(sscanf(line + 7, "%63s", name) == 1);
+      continue;
+    }
+    if (strncmp(line, "# TYPE ", 7) == 0) {
+      CHECK(sscanf(line + 7, "%63s %15s", name, type) == 2);
+      CHECK(strcmp(type, "gauge") == 0 || strcmp(type, "counter") == 0);
+      for (int i = 0; i < nseen; i++)
+        CHECK(strcmp(seen[i], name) != 0); /* one block per family */
+      if (nseen < 32)
+        snprintf(seen[nseen++], sizeof(seen[0]), "%s", name);
+      snprintf(cur, sizeof(cur), "%s", name);
+      continue;
+    }
+    size_t n = strcspn(line, "{ ");
+    CHECK(n == strlen(cur) && strncmp(line, cur, n) == 0); /* a sample of the current family */
+    const char *v = strrchr(line, ' ');
+    CHECK(v != NULL);
+    char *end = NULL;
+    (void)strtoll(v + 1, &end, 10);
+    CHECK(end != NULL && *end == 0 && end > v + 1);
+  }
+}
+
+/* The sample family{dc="dc"} of the back's metrics, or -1 when there is none. */
+static int64_t dc_metric(struct mtp_back *b, const char *family, const char *dc) {
+  char *text = mtp_back_metrics_text(b);
+  CHECK(text != NULL);
+  if (text == NULL)
+    return -2;
+  check_prom_text(text);
+  char key[128];
+  snprintf(key, sizeof(key), "\n%s{dc=\"%s\"} ", family, dc);
+  const char *p = strstr(text, key);
+  int64_t v = p != NULL ? strtoll(p + strlen(key), NULL, 10) : -1;
+  mtp_free(text);
+  return v;
+}
+
+/* The back's "telegram" status, printed and parsed back (so it is valid JSON). Caller deletes
+ * the returned root. */
+static cJSON *status_of(struct mtp_back *b, cJSON **tg) {
+  cJSON *st = cJSON_CreateObject();
+  mtp_back_status_json(b, st);
+  char *txt = cJSON_PrintUnformatted(st);
+  cJSON_Delete(st);
+  CHECK(txt != NULL);
+  cJSON *root = cJSON_Parse(txt);
+  cJSON_free(txt);
+  CHECK(root != NULL);
+  *tg = cJSON_GetObjectItemCaseSensitive(root, "telegram");
+  CHECK(cJSON_IsObject(*tg));
+  return root;
+}
+
+static double num(const cJSON *o, const char *name) {
+  const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, name);
+  CHECK(cJSON_IsNumber(v));
+  return cJSON_IsNumber(v) ? v->valuedouble : -1e9;
+}
+
+/* The dcs entry for dc (a number, or "other" when other is true), or NULL. */
+static const cJSON *status_dc(const cJSON *tg, int dc, bool other) {
+  const cJSON *dcs = cJSON_GetObjectItemCaseSensitive(tg, "dcs"), *e;
+  CHECK(cJSON_IsArray(dcs));
+  cJSON_ArrayForEach(e, dcs) {
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(e, "dc");
+    if (other ? cJSON_IsString(v) && strcmp(v->valuestring, "other") == 0
+              : cJSON_IsNumber(v) && (int)v->valuedouble == dc)
+      return e;
+  }
+  return NULL;
 }
 
 /* ---- a fake front ---- */
@@ -363,6 +460,8 @@ static void test_max_clients(void) {
     f[i] = open_front(link, 1);
   /* 2 + 2 + 1: three connections, the first streams waited on connecting ones */
   CHECK(metric(MTP_M_RPC_CONNS) == conns0 + 3);
+  CHECK(dc_metric(b, "mtproxy_rpc_connections_by_dc", "1") == 3);
+  CHECK(dc_metric(b, "mtproxy_rpc_pool_growth_total", "1") == 2); /* the first one is no growth */
   for (int i = 0; i < 5; i++) {
     CHECK(send_pkt(f[i], 16, (uint8_t)i, false) == MTP_OK);
     CHECK(check_run_until(&loop, p_packets, f[i], 5000));
@@ -373,6 +472,8 @@ static void test_max_clients(void) {
   f[0]->link->close(f[0]->link, f[0]->stream);
   struct tfront *g = open_front(link, 1);
   CHECK(metric(MTP_M_RPC_CONNS) == conns0 + 3);
+  CHECK(dc_metric(b, "mtproxy_rpc_pool_growth_total", "1") == 2);
+  CHECK(dc_metric(b, "mtproxy_rpc_clients_by_dc", "1") == 5);
   mtp_back_worker_stop(w);
   CHECK(g->closes == 1 && f[1]->closes == 1 && f[0]->closes == 0);
   mtp_back_stop(b);
@@ -425,6 +526,121 @@ static void test_no_config(void) {
   stop(b, w);
 }
 
+static bool p_handshakes_at_least(void *a) {
+  struct fm_stats st;
+  fm_get_stats(fm, &st);
+  return st.handshakes >= *(unsigned *)a;
+}
+
+/* Per-DC numbers in the metrics text and the status JSON follow clients on DC 2, -2 and an
+ * unlisted DC ("other"), count Telegram's rotations, and the gauges return to 0 when the
+ * clients close and then the connections. */
+static void test_dc_stats(void) {
+  struct mtp_config cfg;
+  cfg_for(&cfg, "conf");
+  struct mtp_back *b;
+  struct mtp_back_worker *w;
+  int64_t t0 = (int64_t)time(NULL);
+  struct mtp_link *link = start(&cfg, true, 6, &b, &w);
+
+  /* the config's DCs are listed at 0 before any client; an unlisted DC is not */
+  CHECK(dc_metric(b, "mtproxy_rpc_connections_by_dc", "2") == 0);
+  CHECK(dc_metric(b, "mtproxy_rpc_clients_by_dc", "-2") == 0);
+  CHECK(dc_metric(b, "mtproxy_rpc_clients_by_dc", "5") == 0);
+  CHECK(dc_metric(b, "mtproxy_rpc_clients_by_dc", "other") == -1);
+  cJSON *tg;
+  cJSON *root = status_of(b, &tg);
+  CHECK(cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(tg, "config_loaded")));
+  const cJSON *v = cJSON_GetObjectItemCaseSensitive(tg, "source");
+  CHECK(cJSON_IsString(v) && strcmp(v->valuestring, "file") == 0);
+  v = cJSON_GetObjectItemCaseSensitive(tg, "location");
+  CHECK(cJSON_IsString(v) && strcmp(v->valuestring, check_path("conf")) == 0);
+  v = cJSON_GetObjectItemCaseSensitive(tg, "secret_source");
+  CHECK(cJSON_IsString(v) && strcmp(v->valuestring, "file") == 0);
+  int64_t now = (int64_t)time(NULL);
+  CHECK(num(tg, "loaded_at") >= (double)t0 && num(tg, "loaded_at") <= (double)now);
+  CHECK(num(tg, "last_fetch_ok") >= (double)t0 && num(tg, "last_fetch_ok") <= (double)now);
+  CHECK(num(tg, "age_s") >= 0 && num(tg, "age_s") <= (double)(now - t0));
+  CHECK(cJSON_IsNull(cJSON_GetObjectItemCaseSensitive(tg, "last_fetch_error")));
+  CHECK(num(tg, "fetches_ok") == 1 && num(tg, "fetches_failed") == 0);
+  CHECK(num(tg, "middle_proxies") == 10 && num(tg, "default_dc") == 2);
+  CHECK(cJSON_GetArraySize(cJSON_GetObjectItemCaseSensitive(tg, "dcs")) == 10);
+  const cJSON *e = status_dc(tg, -5, false);
+  CHECK(e != NULL && num(e, "addrs") == 1 && num(e, "connections") == 0 && num(e, "clients") == 0);
+  cJSON_Delete(root);
+
+  /* two clients on DC 2, one on DC -2: one connection each (still connecting, already counted) */
+  struct tfront *a1 = open_front(link, 2), *a2 = open_front(link, 2), *m1 = open_front(link, -2);
+  CHECK(dc_metric(b, "mtproxy_rpc_connections_by_dc", "2") == 1);
+  CHECK(dc_metric(b, "mtproxy_rpc_connections_by_dc", "-2") == 1);
+  CHECK(dc_metric(b, "mtproxy_rpc_clients_by_dc", "2") == 2);
+  CHECK(dc_metric(b, "mtproxy_rpc_clients_by_dc", "-2") == 1);
+  CHECK(dc_metric(b, "mtproxy_rpc_clients_by_dc", "3") == 0);
+  struct tfront *all[] = {a1, a2, m1};
+  for (int i = 0; i < 3; i++) {
+    CHECK(send_pkt(all[i], 16, (uint8_t)i, false) == MTP_OK);
+    CHECK(check_run_until(&loop, p_packets, all[i], 5000));
+  }
+  /* an unlisted DC uses the default's addresses and is counted as "other" */
+  struct tfront *o1 = open_front(link, 7);
+  CHECK(send_pkt(o1, 16, 9, false) == MTP_OK);
+  CHECK(check_run_until(&loop, p_packets, o1, 5000));
+  CHECK(dc_metric(b, "mtproxy_rpc_clients_by_dc", "other") == 1);
+  CHECK(dc_metric(b, "mtproxy_rpc_connections_by_dc", "other") == 1);
+  root = status_of(b, &tg);
+  e = status_dc(tg, 2, false);
+  CHECK(e != NULL && num(e, "addrs") == 1 && num(e, "connections") == 1 && num(e, "clients") == 2);
+  e = status_dc(tg, -2, false);
+  CHECK(e != NULL && num(e, "connections") == 1 && num(e, "clients") == 1);
+  e = status_dc(tg, 0, true);
+  CHECK(e != NULL && num(e, "addrs") == 0 && num(e, "connections") == 1 && num(e, "clients") == 1);
+  CHECK(cJSON_GetArraySize(cJSON_GetObjectItemCaseSensitive(tg, "dcs")) == 11);
+  cJSON_Delete(root);
+
+  /* Telegram rotates every connection: counted per DC; the idle clients move, no pool growth */
+  CHECK(dc_metric(b, "mtproxy_rpc_rotations_total", "2") == 0);
+  struct fm_stats st;
+  fm_get_stats(fm, &st);
+  unsigned hs = st.handshakes + 3;
+  CHECK(fm_close_all(fm) == 3);
+  CHECK(check_run_until(&loop, p_handshakes_at_least, &hs, 5000));
+  CHECK(dc_metric(b, "mtproxy_rpc_rotations_total", "2") == 1);
+  CHECK(dc_metric(b, "mtproxy_rpc_rotations_total", "-2") == 1);
+  CHECK(dc_metric(b, "mtproxy_rpc_rotations_total", "other") == 1);
+  CHECK(dc_metric(b, "mtproxy_rpc_rotations_total", "3") == 0);
+  CHECK(dc_metric(b, "mtproxy_rpc_pool_growth_total", "2") == 0);
+  CHECK(dc_metric(b, "mtproxy_rpc_clients_by_dc", "2") == 2);
+  CHECK(dc_metric(b, "mtproxy_rpc_connections_by_dc", "2") == 1);
+
+  /* the clients close: their gauges return to 0, the connections stay */
+  for (int i = 0; i < 3; i++)
+    link->close(link, all[i]->stream);
+  link->close(link, o1->stream);
+  CHECK(dc_metric(b, "mtproxy_rpc_clients_by_dc", "2") == 0);
+  CHECK(dc_metric(b, "mtproxy_rpc_clients_by_dc", "-2") == 0);
+  CHECK(dc_metric(b, "mtproxy_rpc_clients_by_dc", "other") == 0);
+  CHECK(dc_metric(b, "mtproxy_rpc_connections_by_dc", "2") == 1);
+
+  /* shutdown: the connections' gauges return to 0 too; the counters stay */
+  mtp_back_worker_stop(w);
+  mtp_back_stop(b);
+  uv_run(&loop, UV_RUN_DEFAULT);
+  CHECK(dc_metric(b, "mtproxy_rpc_connections_by_dc", "2") == 0);
+  CHECK(dc_metric(b, "mtproxy_rpc_connections_by_dc", "-2") == 0);
+  CHECK(dc_metric(b, "mtproxy_rpc_connections_by_dc", "other") == 0);
+  CHECK(dc_metric(b, "mtproxy_rpc_rotations_total", "2") == 1);
+  root = status_of(b, &tg);
+  e = status_dc(tg, 2, false);
+  CHECK(e != NULL && num(e, "connections") == 0 && num(e, "clients") == 0);
+  cJSON_Delete(root);
+  mtp_back_worker_free(w);
+  mtp_back_free(b);
+  free(a1);
+  free(a2);
+  free(m1);
+  free(o1);
+}
+
 static void fm_log(void *arg, const char *line) { fprintf(stderr, "fake: %s\n", line); }
 
 int main(void) {
@@ -447,6 +663,7 @@ int main(void) {
   test_max_clients();
   test_nat_used_in_keys();
   test_no_config();
+  test_dc_stats();
   CHECK(uv_loop_close(&loop) == 0);
   fm_free(fm);
   check_tmpdir_remove();

@@ -1534,8 +1534,29 @@ static void test_alloc_failures(void) {
   free(path);
 }
 
+/* mtproxy-back loads with MTP_CONFIG_NO_CLIENTS: no listener needed, and reload keeps that. */
+static void test_no_clients(void) {
+  const char *argv[] = {"--tunnel-listen", "127.0.0.1:0", NULL};
+  struct mtp_config c, r;
+  char err[512];
+  bool help = false;
+  CHECK(mtp_config_load(2, (char **)argv, &c, &help, err, sizeof(err)) == MTP_EINVAL);
+  CHECK(strstr(err, "no listeners") != NULL);
+  CHECK(mtp_config_load_flags(2, (char **)argv, MTP_CONFIG_NO_CLIENTS, &c, &help, err, sizeof(err)) == MTP_OK);
+  CHECK(c.nlisteners == 0);
+  CHECK(mtp_config_reload(&c, &r, err, sizeof(err)) == MTP_OK);
+  CHECK(r.nlisteners == 0);
+  mtp_config_free(&r);
+  mtp_config_free(&c);
+  /* Listeners that are given are still checked. */
+  const char *bad[] = {"--tunnel-listen", "127.0.0.1:0", "--port", "1", NULL};
+  CHECK(mtp_config_load_flags(4, (char **)bad, MTP_CONFIG_NO_CLIENTS, &c, &help, err, sizeof(err)) == MTP_EINVAL);
+  CHECK(strstr(err, "no secret") != NULL);
+}
+
 int main(void) {
   test_defaults();
+  test_no_clients();
   test_addr();
   test_protocols();
   test_help();
