@@ -427,7 +427,7 @@ int mtp_back_wait_ready(struct mtp_back *b, uint64_t timeout_ms) {
   uv_timer_init(b->loop, &t);
   t.data = &expired;
   uv_timer_start(&t, on_wait_timer, timeout_ms, 0);
-  while (!expired && !has_snapshot(b))
+  while (!expired && !b->stopping && !has_snapshot(b))
     uv_run(b->loop, UV_RUN_ONCE);
   uv_timer_stop(&t);
   t.data = &closed;

@@ -23,8 +23,10 @@
 /* Upstream backpressure, per RPC connection (uv write queue + bytes waiting for READY). */
 #define MTP_BACK_HIGH_WATER (8u << 20)
 #define MTP_BACK_LOW_WATER (2u << 20)
-/* Bytes queued on a connection that is not ready yet: above soft send() says FULL, above hard
- * the packet is refused. */
+/* Bytes queued for a connection that is not ready yet: above soft (the connection's total)
+ * send() says FULL; above hard (one stream's own bytes, i.e. it ignored FULL) the packet is
+ * refused. A front that honours FULL keeps each stream under soft + one read's worth of
+ * packets, so the hard limit only catches misbehaving fronts. */
 #define MTP_BACK_PENDING_SOFT (1u << 20)
 #define MTP_BACK_PENDING_HARD (4u << 20)
 /* Connection attempts in a row (different addresses when possible) before waiting streams

@@ -450,7 +450,10 @@ static int link_send(struct mtp_link *link, void *stream, const uint8_t *data, s
   /* Not ready (connecting, failing, or being moved): keep it until the stream is on a ready
    * connection. c->pending_bytes counts the pending bytes of its streams while not READY. */
   size_t total = (c != NULL ? c->pending_bytes : s->pend_bytes) + len;
-  if (total > MTP_BACK_PENDING_HARD)
+  /* The hard limit is per stream: a stream is refused only when it kept sending after FULL.
+   * Many clients each sending a first packet while the connection comes up all get FULL (the
+   * connection's total is over the soft mark) but none is refused for its neighbours. */
+  if (s->pend_bytes + len > MTP_BACK_PENDING_HARD)
     return MTP_EBACKPRESSURE;
   struct mtp_back_pending *p = mtp_malloc(sizeof(*p) + len);
   if (p == NULL)

@@ -436,8 +436,15 @@ static void test_handshake_timeout(void) {
   CHECK(send_pkt(f, sizeof(pkt), 4, false) == MTP_LINK_FULL);
   CHECK(send_pkt(f, sizeof(pkt), 5, false) == MTP_EBACKPRESSURE);
   CHECK(send_pkt(f, 6, 5, false) == MTP_EPROTO); /* not a multiple of 4 */
+  /* The hard limit is per stream: a neighbour waiting for the same connection is told FULL,
+   * never refused because of f's bytes. */
+  struct tfront *g = open_front(link, 2);
+  CHECK(send_pkt(g, sizeof(pkt), 6, false) == MTP_LINK_FULL);
   CHECK(check_run_until(&loop, p_closed, f, 5000));
+  CHECK(check_run_until(&loop, p_closed, g, 5000));
   CHECK(f->close_reason == MTP_LINK_CLOSE_NO_DC && f->writables == 0);
+  CHECK(g->close_reason == MTP_LINK_CLOSE_NO_DC);
+  free(g);
   CHECK(metric(MTP_M_RPC_CONNS_FAILED) == failed0 + 3);
   fm_set_mode(fm, FM_ANSWER);
   stop(b, w);
