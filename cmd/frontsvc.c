@@ -11,6 +11,7 @@
 #include "alloc.h"
 #include "err.h"
 #include "log.h"
+#include "lstats.h"
 #include "policy.h"
 #include "tlsprobe.h"
 
@@ -31,14 +32,35 @@ static int admin_table_del(void *ctx, const char *table, const char *value) {
   return mtp_policy_table_del(svc->policy, table, value);
 }
 
-/* mtproxy_policy_rejects_total{rule="N"} and the replay cache's figures. */
+/* A Prometheus label value: backslash, double quote and newline escaped. */
+static void label_escape(const char *in, char *out, size_t outlen) {
+  size_t o = 0;
+  for (; *in != '\0' && o + 3 < outlen; in++) {
+    char c = *in;
+    if (c == '\\' || c == '"' || c == '\n') {
+      out[o++] = '\\';
+      c = c == '\n' ? 'n' : c;
+    }
+    out[o++] = c;
+  }
+  out[o] = '\0';
+}
+
+/* mtproxy_policy_rejects_total{rule="N"}, the replay cache's figures and the client
+ * connections by listener (see frontsvc.h). */
 static char *admin_metrics(void *ctx) {
   struct mtp_frontsvc *svc = ctx;
   size_t n = mtp_policy_nrules(svc->policy);
-  size_t cap = 1024 + n * 64;
+  struct mtp_lstats_row *rows = NULL;
+  size_t nrows = 0;
+  if (mtp_lstats_sum(svc->lstats, mtp_app_config(svc->app), &rows, &nrows) != MTP_OK)
+    nrows = 0; /* out of memory: no per-listener lines this time */
+  size_t cap = 2048 + n * 64 + nrows * 6 * 200;
   char *out = mtp_malloc(cap);
-  if (out == NULL)
+  if (out == NULL) {
+    mtp_lstats_rows_free(rows, nrows);
     return NULL;
+  }
   size_t len = 0;
   int w;
 #define EMIT(...)                                                       \
@@ -65,12 +87,74 @@ static char *admin_metrics(void *ctx) {
        "# TYPE mtproxy_replay_cache_evictions_total counter\nmtproxy_replay_cache_evictions_total %llu\n",
        (unsigned long long)st.entries, (unsigned long long)st.capacity, (unsigned long long)st.hits,
        (unsigned long long)st.evictions);
+  if (nrows > 0) {
+    char lbl[2 * 64 + 8];
+    EMIT("# HELP mtproxy_listener_client_connections client connections open now, by listener\n"
+         "# TYPE mtproxy_listener_client_connections gauge\n");
+    for (size_t i = 0; i < nrows; i++) {
+      label_escape(rows[i].name, lbl, sizeof(lbl));
+      EMIT("mtproxy_listener_client_connections{listener=\"%s\"} %lld\n", lbl,
+           (long long)rows[i].v[MTP_LSTAT_ACTIVE]);
+    }
+    EMIT("# HELP mtproxy_listener_connections_total client TCP connections accepted, by listener\n"
+         "# TYPE mtproxy_listener_connections_total counter\n");
+    for (size_t i = 0; i < nrows; i++) {
+      label_escape(rows[i].name, lbl, sizeof(lbl));
+      EMIT("mtproxy_listener_connections_total{listener=\"%s\"} %lld\n", lbl,
+           (long long)rows[i].v[MTP_LSTAT_ACCEPTED]);
+    }
+    EMIT("# HELP mtproxy_listener_handshakes_total successful client handshakes by listener and outer protocol "
+         "(fake_tls: any framing inside)\n"
+         "# TYPE mtproxy_listener_handshakes_total counter\n");
+    for (size_t i = 0; i < nrows; i++) {
+      label_escape(rows[i].name, lbl, sizeof(lbl));
+      for (int k = MTP_LSTAT_HS_ABRIDGED; k <= MTP_LSTAT_HS_FAKE_TLS; k++)
+        EMIT("mtproxy_listener_handshakes_total{listener=\"%s\",protocol=\"%s\"} %lld\n", lbl,
+             mtp_lstat_protocol((enum mtp_lstat)k), (long long)rows[i].v[k]);
+    }
+  }
 #undef EMIT
+  mtp_lstats_rows_free(rows, nrows);
   return out;
+}
+
+/* /status: "clients" in each listener the app listed, and the removed listeners that still
+ * have clients. */
+static void status_listeners(struct mtp_frontsvc *svc, cJSON *status) {
+  struct mtp_lstats_row *rows = NULL;
+  size_t nrows = 0;
+  if (mtp_lstats_sum(svc->lstats, mtp_app_config(svc->app), &rows, &nrows) != MTP_OK)
+    return;
+  cJSON *ls = cJSON_GetObjectItemCaseSensitive(status, "listeners");
+  if (!cJSON_IsArray(ls))
+    ls = NULL;
+  cJSON *it;
+  cJSON_ArrayForEach(it, ls) {
+    const char *name = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(it, "name"));
+    for (size_t i = 0; name != NULL && i < nrows; i++)
+      if (!rows[i].removed && strcmp(rows[i].name, name) == 0)
+        cJSON_AddNumberToObject(it, "clients", (double)rows[i].v[MTP_LSTAT_ACTIVE]);
+  }
+  cJSON *closed = NULL;
+  for (size_t i = 0; i < nrows; i++) {
+    if (!rows[i].removed)
+      continue;
+    if (closed == NULL && (closed = cJSON_AddArrayToObject(status, "closed_listeners")) == NULL)
+      break;
+    cJSON *o = cJSON_CreateObject();
+    if (o == NULL || !cJSON_AddItemToArray(closed, o)) {
+      cJSON_Delete(o);
+      break;
+    }
+    cJSON_AddStringToObject(o, "name", rows[i].name);
+    cJSON_AddNumberToObject(o, "clients", (double)rows[i].v[MTP_LSTAT_ACTIVE]);
+  }
+  mtp_lstats_rows_free(rows, nrows);
 }
 
 static void admin_status(void *ctx, cJSON *status) {
   struct mtp_frontsvc *svc = ctx;
+  status_listeners(svc, status);
   struct mtp_replay_stats st;
   mtp_replay_get_stats(&svc->replay, &st);
   cJSON *r = cJSON_AddObjectToObject(status, "replay_cache");
@@ -89,6 +173,8 @@ static void admin_status(void *ctx, cJSON *status) {
  * public_host. */
 static void add_public_addrs(struct mtp_frontsvc *svc, const struct mtp_config *cfg) {
   struct mtp_front_shared *sh = &svc->shared;
+  memset(sh->public_addrs, 0, sizeof(sh->public_addrs));
+  sh->npublic = 0;
   if (cfg->has_nat) {
     struct sockaddr_in *a = (struct sockaddr_in *)&sh->public_addrs[sh->npublic++];
     a->sin_family = AF_INET;
@@ -118,6 +204,7 @@ static bool any_fake_tls(const struct mtp_config *cfg) {
 
 int mtp_frontsvc_setup(struct mtp_frontsvc *svc, struct mtp_app *app, const struct mtp_config *cfg) {
   memset(svc, 0, sizeof(*svc));
+  svc->app = app;
   mtp_replay_init(&svc->replay);
   int rc = mtp_replay_setup(&svc->replay, cfg->replay_cache_bytes, cfg->replay_max_age);
   if (rc != MTP_OK) {
@@ -138,9 +225,15 @@ int mtp_frontsvc_setup(struct mtp_frontsvc *svc, struct mtp_app *app, const stru
       return rc;
     }
   }
+  rc = mtp_lstats_create(&svc->lstats);
+  if (rc != MTP_OK) {
+    mtp_log(MTP_LOG_ERROR, "listener counters: %s", mtp_strerror(rc));
+    return rc;
+  }
   svc->shared.replay = &svc->replay;
   svc->shared.policy = svc->policy;
   svc->shared.tlsprobe = svc->tlsprobe;
+  svc->shared.lstats = svc->lstats;
   svc->shared.bound_addrs = mtp_app_bound_addrs(app);
   svc->shared.nbound = cfg->nlisteners;
   add_public_addrs(svc, cfg);
@@ -157,6 +250,25 @@ int mtp_frontsvc_setup(struct mtp_frontsvc *svc, struct mtp_app *app, const stru
   return rc;
 }
 
+void mtp_frontsvc_reconfigure(struct mtp_frontsvc *svc, const struct mtp_config *cfg) {
+  if (svc->tlsprobe != NULL) {
+    int rc = mtp_tlsprobe_reconfigure(svc->tlsprobe, cfg);
+    if (rc != MTP_OK)
+      mtp_log(MTP_LOG_ERROR, "reload: the tls probe keeps its old domains and settings: %s", mtp_strerror(rc));
+  } else if (any_fake_tls(cfg)) {
+    /* The first configuration with fake-TLS: learn the flight sizes from now on. */
+    int rc = mtp_tlsprobe_setup(&svc->tlsprobe, cfg, mtp_app_loop(svc->app));
+    if (rc != MTP_OK)
+      mtp_log(MTP_LOG_ERROR, "reload: no tls probe (flight sizes are drawn at random): %s", mtp_strerror(rc));
+  }
+  svc->shared.tlsprobe = svc->tlsprobe;
+  svc->shared.bound_addrs = mtp_app_bound_addrs(svc->app);
+  svc->shared.nbound = cfg->nlisteners;
+  add_public_addrs(svc, cfg);
+}
+
+void mtp_frontsvc_reclaim(struct mtp_frontsvc *svc) { mtp_tlsprobe_reclaim(svc->tlsprobe); }
+
 void mtp_frontsvc_stop(struct mtp_frontsvc *svc) {
   if (svc->tlsprobe != NULL)
     mtp_tlsprobe_stop(svc->tlsprobe);
@@ -165,6 +277,8 @@ void mtp_frontsvc_stop(struct mtp_frontsvc *svc) {
 void mtp_frontsvc_free(struct mtp_frontsvc *svc) {
   mtp_tlsprobe_free(svc->tlsprobe);
   svc->tlsprobe = NULL;
+  mtp_lstats_free(svc->lstats);
+  svc->lstats = NULL;
   mtp_policy_free(svc->policy);
   svc->policy = NULL;
   mtp_replay_free(&svc->replay);

@@ -11,6 +11,7 @@
 #include "alloc.h"
 #include "err.h"
 #include "front.h"
+#include "frontsvc.h"
 #include "log.h"
 #include "policy.h"
 
@@ -171,6 +172,8 @@ int mtp_reload_run(struct mtp_reload *r, char *err, size_t errlen) {
     }
     job_free(r->late);
     r->late = NULL;
+    if (r->o.frontsvc != NULL)
+      mtp_frontsvc_reclaim(r->o.frontsvc); /* every worker has been past the late job */
   }
 
   struct heap_gen *g = mtp_calloc(1, sizeof(*g));
@@ -217,6 +220,12 @@ int mtp_reload_run(struct mtp_reload *r, char *err, size_t errlen) {
   /* From here on nothing fails: the new configuration is in force. */
   mtp_app_listeners_commit(app, &g->cfg);
   mtp_front_gen_init(&g->g, &g->cfg, g->bound, ++r->next_id, heap_gen_free);
+  if (r->o.frontsvc != NULL) {
+    /* Before the workers switch: they take the services over with the generation. */
+    mtp_frontsvc_reconfigure(r->o.frontsvc, &g->cfg);
+    g->g.shared = r->o.frontsvc->shared;
+    g->g.has_shared = true;
+  }
   job->r = r;
   job->g = &g->g;
   mtp_front_gen_hold(job->g);
@@ -233,6 +242,8 @@ int mtp_reload_run(struct mtp_reload *r, char *err, size_t errlen) {
   } else {
     if (crc != MTP_OK)
       mtp_log(MTP_LOG_ERROR, "reload: cannot reach the workers: %s", mtp_strerror(crc));
+    else if (r->o.frontsvc != NULL)
+      mtp_frontsvc_reclaim(r->o.frontsvc); /* every worker ran the job posted after the swap */
     job_free(job);
   }
   apply_log_settings(old, &g->cfg);

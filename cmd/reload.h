@@ -10,9 +10,13 @@
  *     │  (from here on it cannot fail)
  *   the app takes the new config (/status, /links, drain); removed listeners' ports released
  *     │
+ *   front services (frontsvc): certificate-flight probe follows (or starts), public addresses
+ *     │
  *   every worker, on its own loop: keep unchanged listening sockets (pointed at the new listener
- *   conf), open new ones, close removed ones, switch to the new generation ── the call returns
- *     │                                                                       when all did
+ *   conf), open new ones, close removed ones, switch to the new generation and the services
+ *     │  (fronting's settings and own addresses follow) ─────────── the call returns when all did
+ *   what the workers can no longer read is freed (the probe's old domain table)
+ *     │
  *   log level / debug modules (only when the file changed them), summary log line
  *
  * Configuration generations (front.h): each successful reload makes a generation on the heap
@@ -38,6 +42,7 @@
 struct mtp_reload;
 struct mtp_policy;
 struct mtp_front_worker;
+struct mtp_frontsvc;
 
 /* How long the reload waits for every worker to apply a new configuration. */
 #define MTP_RELOAD_WORKER_TIMEOUT_MS 10000
@@ -46,6 +51,10 @@ struct mtp_reload_opts {
   struct mtp_app *app;          /* borrows */
   const struct mtp_config *cfg; /* borrows: the startup config (generation 0); outlives this */
   struct mtp_policy *policy;    /* borrows; NULL = no policy */
+  /* borrows; NULL = the front services stay as set up: the certificate-flight probe keeps its
+   * startup domains and settings, the public addresses stay, and no probe is created by a
+   * reload that turns fake-TLS on. */
+  struct mtp_frontsvc *frontsvc;
   /* The front worker inside a role's per-worker state (NULL: that worker has none). */
   struct mtp_front_worker *(*front_of)(void *worker_state);
 };

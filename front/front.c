@@ -10,6 +10,7 @@
 #include "front.h"
 
 #include <stdbool.h>
+#include <string.h>
 #include <unistd.h>
 
 #include "alloc.h"
@@ -17,6 +18,7 @@
 #include "fronting.h"
 #include "listener.h"
 #include "log.h"
+#include "lstats.h"
 #include "session.h"
 
 #include "banned.h"
@@ -28,6 +30,8 @@ struct front_listener {
   uv_tcp_t tcp;
   struct mtp_front_worker *w;         /* borrows */
   const struct mtp_listener_conf *lc; /* borrows: from the worker's current generation */
+  struct mtp_lstats_block *stats;     /* borrows (the registry owns it): this worker's counters
+                                       * for lc->name; NULL = not counted */
   bool inited;                        /* tcp needs uv_close */
 };
 
@@ -41,14 +45,7 @@ struct mtp_front_worker {
   bool stopping;
   bool accepting_stopped; /* drain: listeners closed, none opened again */
   bool free_when_closed;  /* setup failed: the last close callback frees the worker */
-  /* Domain fronting borrows this shallow copy of the current generation's config (its
-   * pointers borrow from that generation, which fc.gen keeps alive). A reload overwrites it on
-   * this thread, so fronted connections follow the new fronting settings without fronting.c
-   * knowing about generations. Never passed to mtp_config_free. */
-  struct mtp_config fronting_cfg;
-  /* The generation whose bound_addrs the fronting module copied (it keeps the pointer for its
-   * self-dial check): held until the worker is freed. NULL = generation 0. */
-  struct mtp_front_gen *fronting_gen;
+  struct mtp_lstats *lstats; /* borrows: the registry of the shared struct given at setup */
 };
 
 /* ---- configuration generations ---- */
@@ -59,6 +56,8 @@ void mtp_front_gen_init(struct mtp_front_gen *g, const struct mtp_config *cfg,
   g->cfg = cfg;
   g->bound_addrs = bound_addrs;
   g->id = id;
+  memset(&g->shared, 0, sizeof(g->shared));
+  g->has_shared = false;
   atomic_init(&g->_refs, 1);
   g->_free = free_fn;
 }
@@ -86,7 +85,7 @@ static void worker_release(struct mtp_front_worker *w) {
     mtp_free(w->listeners[i]); /* only listeners never put on the loop are left here */
   mtp_free(w->listeners);
   w->listeners = NULL;
-  mtp_front_gen_release(w->fronting_gen);
+  mtp_lstats_drop(w->lstats, w);
   mtp_front_gen_release(w->fc.gen);
   mtp_free(w);
 }
@@ -145,7 +144,7 @@ static void on_connection(uv_stream_t *server, int status) {
     mtp_log(MTP_LOG_WARN, "listener %s: accept: %s", l->lc->name, uv_strerror(status));
     return;
   }
-  if (mtp_session_accept(&l->w->fc, server, l->lc) == MTP_ENOMEM)
+  if (mtp_session_accept(&l->w->fc, server, l->lc, l->stats) == MTP_ENOMEM)
     reject_pending(l->w, server);
 }
 
@@ -154,6 +153,7 @@ static struct front_listener *listener_new(struct mtp_front_worker *w, const str
   if (l != NULL) {
     l->w = w;
     l->lc = lc;
+    l->stats = mtp_lstats_get(w->lstats, w, lc->name);
   }
   return l;
 }
@@ -222,10 +222,10 @@ int mtp_front_worker_setup(struct mtp_front_worker **out, const struct mtp_confi
   w->fc.index = index;
   if (shared != NULL)
     w->fc.shared = *shared;
-  w->fronting_cfg = *cfg;
+  w->lstats = w->fc.shared.lstats;
   mtp_bufpool_init(&w->fc.pool, FRONT_POOL_KEEP);
   if (config_wants_fronting(cfg)) {
-    int r = mtp_fronting_setup(&w->fc.fronting, loop, &w->fronting_cfg, &w->fc.shared);
+    int r = mtp_fronting_setup(&w->fc.fronting, loop, cfg, &w->fc.shared);
     if (r < 0) {
       mtp_log(MTP_LOG_ERROR, "worker %d: cannot set up domain fronting: %s", index, mtp_strerror(r));
       worker_release(w);
@@ -300,21 +300,27 @@ int mtp_front_worker_reconfigure(struct mtp_front_worker *w, struct mtp_front_ge
   struct mtp_front_gen *old = w->fc.gen;
   w->fc.gen = g;
   w->fc.cfg = cfg;
+  if (g->has_shared)
+    w->fc.shared = g->shared;
+  w->fc.shared.lstats = w->lstats;
   w->fc.shared.bound_addrs = g->bound_addrs;
   w->fc.shared.nbound = cfg->nlisteners;
-  w->fronting_cfg = *cfg;
   mtp_front_gen_release(old);
 
+  /* Domain fronting copies what it needs (settings, own addresses): it follows g from here on. */
   int rc = MTP_OK;
-  if (w->fc.fronting == NULL && config_wants_fronting(cfg)) {
-    int r = mtp_fronting_setup(&w->fc.fronting, w->fc.loop, &w->fronting_cfg, &w->fc.shared);
+  if (w->fc.fronting != NULL) {
+    int r = mtp_fronting_reconfigure(w->fc.fronting, cfg, &w->fc.shared);
+    if (r < 0) {
+      mtp_log(MTP_LOG_ERROR, "worker %d: domain fronting keeps its old settings: %s", w->fc.index, mtp_strerror(r));
+      rc = r;
+    }
+  } else if (config_wants_fronting(cfg)) {
+    int r = mtp_fronting_setup(&w->fc.fronting, w->fc.loop, cfg, &w->fc.shared);
     if (r < 0) {
       mtp_log(MTP_LOG_ERROR, "worker %d: cannot set up domain fronting: %s", w->fc.index, mtp_strerror(r));
       w->fc.fronting = NULL;
       rc = r;
-    } else {
-      mtp_front_gen_hold(g);
-      w->fronting_gen = g;
     }
   }
 
@@ -335,6 +341,8 @@ int mtp_front_worker_reconfigure(struct mtp_front_worker *w, struct mtp_front_ge
     }
     next[j] = l;
   }
+  /* Counters of listeners that are gone and have no client left. */
+  mtp_lstats_sweep(w->lstats, w, cfg);
   return rc;
 }
 

@@ -15,6 +15,7 @@
 #define MTP_FRONT_H
 
 #include <stdatomic.h>
+#include <stdbool.h>
 #include <uv.h>
 
 #include "config.h"
@@ -24,6 +25,7 @@ struct mtp_front_worker;
 struct mtp_replay;
 struct mtp_policy;
 struct mtp_tlsprobe;
+struct mtp_lstats;
 
 /*
  * What every front worker of the process shares. Owned by the main thread (the executable),
@@ -34,6 +36,8 @@ struct mtp_front_shared {
   struct mtp_replay *replay;     /* replay cache (front/replay.h) */
   struct mtp_policy *policy;     /* connection policy (front/policy.h) */
   struct mtp_tlsprobe *tlsprobe; /* learnt certificate-flight sizes (front/tlsprobe.h) */
+  struct mtp_lstats *lstats;     /* client connections by listener (front/lstats.h); a worker
+                                  * keeps the one it was set up with for its whole life */
   /* The proxy's own addresses, so fronting never dials itself: the concrete bound listener
    * addresses (same order as cfg->listeners) ... */
   const struct sockaddr_storage *bound_addrs;
@@ -62,11 +66,17 @@ struct mtp_front_gen {
   const struct mtp_config *cfg;               /* borrows: valid while the generation lives */
   const struct sockaddr_storage *bound_addrs; /* borrows: cfg->listeners' concrete addresses */
   unsigned long id;                           /* 1, 2, ... for logs */
+  /* The process-wide services as the reload left them (a probe created by this reload, new
+   * public addresses), for the workers to take over: used only when has_shared (the maker sets
+   * both after mtp_front_gen_init, before handing the generation out; immutable after).
+   * Its bound_addrs/nbound and lstats are ignored (bound_addrs above counts). */
+  struct mtp_front_shared shared;
+  bool has_shared;
   atomic_long _refs;
   void (*_free)(struct mtp_front_gen *g); /* frees cfg, bound_addrs and g; NULL = never freed */
 };
 
-/* Sets the fields; the caller holds the one reference. Cannot fail. */
+/* Sets the fields (has_shared false); the caller holds the one reference. Cannot fail. */
 void mtp_front_gen_init(struct mtp_front_gen *g, const struct mtp_config *cfg,
                         const struct sockaddr_storage *bound_addrs, unsigned long id,
                         void (*free_fn)(struct mtp_front_gen *g));
@@ -94,10 +104,16 @@ int mtp_front_worker_setup(struct mtp_front_worker **out, const struct mtp_confi
  * and every listener the worker has open that is not in g->cfg is closed (connections still
  * waiting in its accept queue are lost; sessions it accepted go on until they end).
  * Sessions keep the generation they were accepted under for their whole life (timeouts,
- * secrets, fake-TLS settings, ad_tag). Domain fronting follows g at once (it is created here if
- * g is the first generation that needs it). After mtp_front_worker_stop_accepting (drain) no
- * listener is opened. Returns MTP_OK, or the error of the first new listener that could not be
- * opened (logged, naming it; this worker then does not serve it, the rest is applied).
+ * secrets, fake-TLS settings, ad_tag). With g->has_shared the worker takes g->shared's
+ * services and public addresses (a certificate-flight probe a reload created reaches new
+ * sessions this way). Domain fronting follows g at once (mtp_fronting_reconfigure: its
+ * settings, and g->bound_addrs plus the public addresses as the proxy's own), or is created
+ * here if g is the first generation that needs it; fronted connections already running keep
+ * their target and timeouts. Per-listener counters (front/lstats.h): new listeners get theirs,
+ * and the blocks of removed listeners without clients are dropped. After
+ * mtp_front_worker_stop_accepting (drain) no listener is opened. Returns MTP_OK, or the error
+ * of the first new listener that could not be opened or of fronting (logged, naming it; this
+ * worker then does not serve it, the rest is applied).
  */
 int mtp_front_worker_reconfigure(struct mtp_front_worker *w, struct mtp_front_gen *g);
 /* The generation the worker is on: NULL while it is on the one it was set up with. */

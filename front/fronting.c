@@ -87,6 +87,7 @@ struct fconn {
   size_t nself;             /* resolved addresses refused as the proxy itself */
   uint8_t *pre;             /* owns: the client's bytes already read; written first */
   size_t prelen;
+  uint64_t idle_ms;             /* fronting_idle_timeout when the connection started */
   uint64_t last_active;         /* uv_now() at the last byte either way */
   uint64_t bytes_in, bytes_out; /* client->target, target->client */
   char host[FRONT_MAX_HOST + 1];
@@ -97,10 +98,23 @@ struct fconn {
   struct mtp_log_ctx log;
 };
 
+/* The settings in force: a copy of what fronting needs from the configuration and the
+ * proxy's own addresses, replaced whole by mtp_fronting_reconfigure. Connections read it when
+ * they start (target, connect deadline, idle timeout) and keep what they took. */
+struct fconf {
+  enum mtp_fronting_mode mode;
+  char *host; /* owns: fronting_host as configured (brackets and all), NULL = none */
+  uint16_t port;
+  double connect_timeout, idle_timeout;
+  struct sockaddr_storage *bound; /* owns: the listeners' concrete addresses */
+  size_t nbound;
+  struct sockaddr_storage public_addrs[2];
+  size_t npublic;
+};
+
 struct mtp_fronting {
   uv_loop_t *loop;                /* borrows */
-  const struct mtp_config *cfg;   /* borrows */
-  struct mtp_front_shared shared; /* copy; its pointers borrow */
+  struct fconf conf;              /* owns what it points to */
   uv_interface_address_t *ifaces; /* owns (uv_free_interface_addresses): cached at setup */
   int nifaces;
   uint8_t *rbuf;       /* owns: the read buffer every read callback uses */
@@ -218,17 +232,18 @@ int mtp_fronting_is_self(const struct mtp_fronting *f, const struct sockaddr *ad
   if (f == NULL || addr == NULL || !addr_normalise(addr, &t))
     return 0;
   uint16_t port = addr_port(&t);
-  for (size_t i = 0; i < f->shared.nbound; i++) {
+  const struct fconf *fc = &f->conf;
+  for (size_t i = 0; i < fc->nbound; i++) {
     struct sockaddr_storage b;
-    if (!addr_normalise((const struct sockaddr *)&f->shared.bound_addrs[i], &b) || addr_port(&b) != port)
+    if (!addr_normalise((const struct sockaddr *)&fc->bound[i], &b) || addr_port(&b) != port)
       continue;
     if (addr_same_ip(&b, (const struct sockaddr *)&t))
       return 1;
     if (addr_is_unspecified(&b) && b.ss_family == t.ss_family && addr_is_local(f, &t))
       return 1;
-    for (size_t k = 0; k < f->shared.npublic && k < 2; k++) {
+    for (size_t k = 0; k < fc->npublic && k < 2; k++) {
       struct sockaddr_storage p;
-      if (addr_normalise((const struct sockaddr *)&f->shared.public_addrs[k], &p) &&
+      if (addr_normalise((const struct sockaddr *)&fc->public_addrs[k], &p) &&
           addr_same_ip(&p, (const struct sockaddr *)&t))
         return 1;
     }
@@ -484,10 +499,10 @@ static void on_timer(uv_timer_t *t) {
     fconn_fail(c, "connect timed out");
     return;
   case F_SPLICE: {
-    uint64_t idle = seconds_to_ms(c->f->cfg->fronting_idle_timeout);
+    uint64_t idle = c->idle_ms;
     uint64_t quiet = uv_now(c->f->loop) - c->last_active;
     if (quiet >= idle) {
-      mtp_logc(&c->log, MTP_LOG_INFO, "fronted connection idle for %g s; closing", c->f->cfg->fronting_idle_timeout);
+      mtp_logc(&c->log, MTP_LOG_INFO, "fronted connection idle for %g s; closing", (double)idle / 1000.0);
       fconn_close(c, "idle", false);
       return;
     }
@@ -524,7 +539,7 @@ static void on_connected(uv_connect_t *req, int status) {
   uv_tcp_nodelay(&c->target.tcp, 1);
   c->last_active = uv_now(c->f->loop);
   uv_timer_stop(&c->timer);
-  uv_timer_start(&c->timer, on_timer, seconds_to_ms(c->f->cfg->fronting_idle_timeout), 0);
+  uv_timer_start(&c->timer, on_timer, c->idle_ms, 0);
   if (c->prelen > 0) {
     c->bytes_in += c->prelen;
     mtp_metric_add(MTP_M_FRONTED_BYTES_IN, (int64_t)c->prelen);
@@ -607,6 +622,45 @@ static void on_resolved(uv_getaddrinfo_t *req, int status, struct addrinfo *res)
   connect_next(c);
 }
 
+/* ---- settings ---- */
+
+static void fconf_free(struct fconf *c) {
+  mtp_free(c->host);
+  c->host = NULL;
+  mtp_free(c->bound);
+  c->bound = NULL;
+  c->nbound = 0;
+}
+
+/* Fills c (zeroed first) from cfg and shared (either may be NULL). MTP_OK or MTP_ENOMEM (c
+ * then holds nothing). */
+static int fconf_make(struct fconf *c, const struct mtp_config *cfg, const struct mtp_front_shared *shared) {
+  memset(c, 0, sizeof(*c));
+  c->mode = MTP_FRONTING_OFF;
+  if (cfg != NULL) {
+    c->mode = cfg->fronting_mode;
+    c->port = cfg->fronting_port;
+    c->connect_timeout = cfg->fronting_connect_timeout;
+    c->idle_timeout = cfg->fronting_idle_timeout;
+    if (cfg->fronting_host != NULL && (c->host = mtp_strdup(cfg->fronting_host)) == NULL)
+      return MTP_ENOMEM;
+  }
+  if (shared == NULL)
+    return MTP_OK;
+  if (shared->nbound > 0 && shared->bound_addrs != NULL) {
+    c->bound = mtp_calloc(shared->nbound, sizeof(*c->bound));
+    if (c->bound == NULL) {
+      fconf_free(c);
+      return MTP_ENOMEM;
+    }
+    memcpy(c->bound, shared->bound_addrs, shared->nbound * sizeof(*c->bound));
+    c->nbound = shared->nbound;
+  }
+  c->npublic = shared->npublic < 2 ? shared->npublic : 2;
+  memcpy(c->public_addrs, shared->public_addrs, sizeof(c->public_addrs));
+  return MTP_OK;
+}
+
 /* ---- public ---- */
 
 int mtp_fronting_setup(struct mtp_fronting **out, uv_loop_t *loop, const struct mtp_config *cfg,
@@ -616,11 +670,9 @@ int mtp_fronting_setup(struct mtp_fronting **out, uv_loop_t *loop, const struct 
   if (f == NULL)
     return MTP_ENOMEM;
   f->loop = loop;
-  f->cfg = cfg;
-  if (shared != NULL)
-    f->shared = *shared;
   f->rbuf = mtp_malloc(SPLICE_READ_BUF);
-  if (f->rbuf == NULL) {
+  if (f->rbuf == NULL || fconf_make(&f->conf, cfg, shared) != MTP_OK) {
+    mtp_free(f->rbuf);
     mtp_free(f);
     return MTP_ENOMEM;
   }
@@ -632,6 +684,16 @@ int mtp_fronting_setup(struct mtp_fronting **out, uv_loop_t *loop, const struct 
     f->nifaces = 0;
   }
   *out = f;
+  return MTP_OK;
+}
+
+int mtp_fronting_reconfigure(struct mtp_fronting *f, const struct mtp_config *cfg,
+                             const struct mtp_front_shared *shared) {
+  struct fconf next;
+  if (fconf_make(&next, cfg, shared) != MTP_OK)
+    return MTP_ENOMEM;
+  fconf_free(&f->conf);
+  f->conf = next;
   return MTP_OK;
 }
 
@@ -659,7 +721,7 @@ static bool copy_host(const char *host, char *out, size_t outlen) {
 
 int mtp_fronting_start(struct mtp_fronting *f, uv_os_sock_t fd, const char *sni, const uint8_t *pre, size_t prelen,
                        unsigned long long log_id, const char *peer, const char *listener) {
-  if (f == NULL || f->cfg->fronting_mode == MTP_FRONTING_OFF || f->stopping) {
+  if (f == NULL || f->conf.mode == MTP_FRONTING_OFF || f->stopping) {
     close(fd);
     return MTP_EDISABLED;
   }
@@ -676,18 +738,21 @@ int mtp_fronting_start(struct mtp_fronting *f, uv_os_sock_t fd, const char *sni,
     snprintf(c->where, sizeof(c->where), "%s", listener);
     c->log.where = c->where;
   }
+  /* The settings in force now are this connection's for its whole life. */
+  const struct fconf *conf = &f->conf;
+  c->idle_ms = seconds_to_ms(conf->idle_timeout);
   bool host_ok;
-  if (f->cfg->fronting_mode == MTP_FRONTING_SNI) {
+  if (conf->mode == MTP_FRONTING_SNI) {
     host_ok = copy_host(sni, c->host, sizeof(c->host));
     c->port = 443;
   } else {
-    host_ok = copy_host(f->cfg->fronting_host, c->host, sizeof(c->host));
-    c->port = f->cfg->fronting_port;
+    host_ok = copy_host(conf->host, c->host, sizeof(c->host));
+    c->port = conf->port;
   }
   format_hostport(c->host, c->port, c->hostport, sizeof(c->hostport));
   if (!host_ok || c->port == 0) {
     mtp_logc(&c->log, MTP_LOG_INFO, "fronting failed: %s",
-             f->cfg->fronting_mode == MTP_FRONTING_SNI ? "no SNI to front to" : "no fronting host configured");
+             conf->mode == MTP_FRONTING_SNI ? "no SNI to front to" : "no fronting host configured");
     MTP_COUNT(FRONTED_FAILED);
     close(fd);
     mtp_free(c);
@@ -729,7 +794,7 @@ int mtp_fronting_start(struct mtp_fronting *f, uv_os_sock_t fd, const char *sni,
     return r;
   }
   uv_tcp_nodelay(&c->client.tcp, 1);
-  uv_timer_start(&c->timer, on_timer, seconds_to_ms(f->cfg->fronting_connect_timeout), 0);
+  uv_timer_start(&c->timer, on_timer, seconds_to_ms(conf->connect_timeout), 0);
 
   char port[8];
   snprintf(port, sizeof(port), "%u", (unsigned)c->port);
@@ -768,6 +833,7 @@ void mtp_fronting_free(struct mtp_fronting *f) {
   if (f->ifaces != NULL)
     uv_free_interface_addresses(f->ifaces, f->nifaces);
   f->ifaces = NULL;
+  fconf_free(&f->conf);
   mtp_free(f->rbuf);
   f->rbuf = NULL;
   mtp_free(f);

@@ -34,11 +34,25 @@
 /* Per-worker fronting state (all fronted connections of one loop). */
 struct mtp_fronting;
 
-/* Creates it on loop (also caches the interface addresses for the loop check). cfg is borrowed
- * and outlives it; *shared is copied (the addresses it points to are borrowed). Returns
- * MTP_OK or MTP_ENOMEM. */
+/* Creates it on loop (also caches the interface addresses for the loop check). What it needs
+ * of cfg (fronting mode, host, port, connect and idle timeouts) and of shared (bound_addrs,
+ * public_addrs) is copied: neither is used after the call, either may be NULL (fronting off /
+ * no own addresses). Returns MTP_OK or MTP_ENOMEM. */
 int mtp_fronting_setup(struct mtp_fronting **out, uv_loop_t *loop, const struct mtp_config *cfg,
                        const struct mtp_front_shared *shared);
+
+/*
+ * Follows a reload: the fronting settings of cfg and the own-address list of shared (the
+ * listeners' concrete addresses, new ones included, and the public addresses) replace the
+ * current ones, copied as at setup. Loop thread. Connections from then on use the new
+ * settings; a connection already handed over keeps the target, connect deadline and idle
+ * timeout it started with, but every address it still has to dial is checked against the new
+ * own-address list (so a listener the reload added is never dialled either). Mode off: new
+ * connections are refused (MTP_EDISABLED), those in progress go on. Returns MTP_OK, or
+ * MTP_ENOMEM with the old settings still in force.
+ */
+int mtp_fronting_reconfigure(struct mtp_fronting *f, const struct mtp_config *cfg,
+                             const struct mtp_front_shared *shared);
 
 /*
  * Takes over the client connection `fd` (a connected TCP socket the caller dup()ed for us; we
@@ -61,7 +75,8 @@ int mtp_fronting_start(struct mtp_fronting *f, uv_os_sock_t fd, const char *sni,
  * is a listener's bound address and port; or its port is that of a listener bound to the
  * wildcard address of addr's family (listeners are V6ONLY) and addr is loopback, unspecified
  * or an address of a local interface (cached at setup); or addr is one of shared->public_addrs
- * on any listener's port. A v4-mapped IPv6 address counts as IPv4. Any thread; no I/O.
+ * on any listener's port. The addresses are those of the last setup / reconfigure. A
+ * v4-mapped IPv6 address counts as IPv4. Loop thread (a reconfigure replaces the list); no I/O.
  */
 int mtp_fronting_is_self(const struct mtp_fronting *f, const struct sockaddr *addr);
 

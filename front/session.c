@@ -40,6 +40,7 @@
 #include "framing.h"
 #include "fronting.h"
 #include "log.h"
+#include "lstats.h"
 #include "metrics.h"
 #include "obf2.h"
 #include "policy.h"
@@ -86,6 +87,8 @@ struct mtp_session {
   const struct mtp_config *cfg;       /* borrows (gen holds it): the config it was accepted under */
   struct mtp_front_gen *gen;          /* holds a reference; NULL = generation 0 */
   const struct mtp_listener_conf *lc; /* borrows (in cfg): the listener it came through */
+  struct mtp_lstats_block *stats;     /* borrows: the listener's counters on this worker (may
+                                       * be NULL); counts this session as active until freed */
   struct mtp_session *prev, *next;    /* in fc->sessions */
   enum session_state state;
   int handles;                        /* handles not yet closed (tcp + timer) */
@@ -290,10 +293,12 @@ static void on_handle_closed(uv_handle_t *h) {
     mtp_frame_dec_free(&s->dec);
   mtp_obf2_free(&s->obf);
   struct mtp_front_gen *gen = s->gen;
+  struct mtp_lstats_block *stats = s->stats;
   mtp_wipe(s, sizeof(*s));
   mtp_free(s);
   mtp_front_gen_release(gen); /* may free an old generation (and lc) here */
   mtp_metric_add(MTP_M_CLIENTS_ACTIVE, -1);
+  mtp_lstats_add(stats, MTP_LSTAT_ACTIVE, -1); /* last use: the block may go at the next reload */
 }
 
 /* ---- back -> client ---- */
@@ -653,19 +658,28 @@ static bool session_handshake(struct mtp_session *s) {
   /* Fake-TLS clients were admitted at the ClientHello, with their SNI. */
   if (!s->tls && !session_admit(s, NULL))
     return header_fail(s, MTP_M_HS_FAIL_POLICY, "rejected by policy");
+  /* The global counters by the framing inside; the listener's by the outer transport, as
+   * allowed_protocols names it (fake_tls whatever the framing inside). */
+  enum mtp_lstat outer;
   switch (res.proto) {
   case MTP_PROTO_ABRIDGED:
     MTP_COUNT(HS_OK_ABRIDGED);
+    outer = MTP_LSTAT_HS_ABRIDGED;
     break;
   case MTP_PROTO_INTERMEDIATE:
     MTP_COUNT(HS_OK_INTERMEDIATE);
+    outer = MTP_LSTAT_HS_INTERMEDIATE;
     break;
   default:
     MTP_COUNT(HS_OK_SECURE);
+    outer = MTP_LSTAT_HS_SECURE;
     break;
   }
-  if (s->tls)
+  if (s->tls) {
     MTP_COUNT(HS_OK_FAKE_TLS);
+    outer = MTP_LSTAT_HS_FAKE_TLS;
+  }
+  mtp_lstats_add(s->stats, outer, 1);
   s->proto = res.proto;
   mtp_frame_dec_init(&s->dec, res.proto);
 
@@ -1055,7 +1069,8 @@ static void on_timer(uv_timer_t *t) {
   }
 }
 
-int mtp_session_accept(struct mtp_front_ctx *fc, uv_stream_t *server, const struct mtp_listener_conf *lc) {
+int mtp_session_accept(struct mtp_front_ctx *fc, uv_stream_t *server, const struct mtp_listener_conf *lc,
+                       struct mtp_lstats_block *stats) {
   struct mtp_session *s = mtp_calloc(1, sizeof(*s));
   if (s == NULL) {
     mtp_log(MTP_LOG_ERROR, "listener %s: out of memory for a new client", lc->name);
@@ -1076,6 +1091,7 @@ int mtp_session_accept(struct mtp_front_ctx *fc, uv_stream_t *server, const stru
   s->gen = fc->gen;
   mtp_front_gen_hold(s->gen);
   s->lc = lc;
+  s->stats = stats;
   s->state = S_WAIT_HEADER;
   s->kind_known = !listener_has_tls(s); /* else the first bytes tell TLS from obfuscated2 */
   s->log.id = ((unsigned long long)fc->index << 40) | ++fc->next_id;
@@ -1086,6 +1102,7 @@ int mtp_session_accept(struct mtp_front_ctx *fc, uv_stream_t *server, const stru
   fc->sessions = s;
   fc->nsessions++;
   mtp_metric_add(MTP_M_CLIENTS_ACTIVE, 1);
+  mtp_lstats_add(stats, MTP_LSTAT_ACTIVE, 1);
 
   r = uv_accept(server, (uv_stream_t *)&s->tcp);
   if (r < 0) {
@@ -1094,6 +1111,7 @@ int mtp_session_accept(struct mtp_front_ctx *fc, uv_stream_t *server, const stru
     return MTP_OK;
   }
   MTP_COUNT(CLIENTS_ACCEPTED);
+  mtp_lstats_add(stats, MTP_LSTAT_ACCEPTED, 1);
   uv_tcp_nodelay(&s->tcp, 1);
   struct sockaddr_storage peer;
   int plen = (int)sizeof(peer);

@@ -58,6 +58,7 @@
 #include "link.h"
 
 struct mtp_fronting;
+struct mtp_lstats_block;
 
 struct mtp_session;
 
@@ -80,12 +81,16 @@ struct mtp_front_ctx {
 /*
  * Accepts one pending connection from server (a listener of lc, which belongs to fc->cfg) and
  * starts its session. The session keeps fc->cfg and a reference on fc->gen for its whole life:
- * a reload never changes the settings of a connection already accepted.
+ * a reload never changes the settings of a connection already accepted. stats (borrowed; may
+ * be NULL) is this worker's block for the listener (front/lstats.h): the session counts itself
+ * there (accepted, active until freed, its successful handshake by protocol), so the block
+ * must stay until the session is freed (lstats keeps a block while its active count is not 0).
  * Returns MTP_OK (also when accept itself failed: logged, nothing left behind) or
  * MTP_ENOMEM when no session could be set up and the connection is still pending: the
  * caller must accept and drop it, or libuv stops watching the listener. Never calls the link.
  */
-int mtp_session_accept(struct mtp_front_ctx *fc, uv_stream_t *server, const struct mtp_listener_conf *lc);
+int mtp_session_accept(struct mtp_front_ctx *fc, uv_stream_t *server, const struct mtp_listener_conf *lc,
+                       struct mtp_lstats_block *stats);
 
 /* Closes every session (link->close for each open stream); asynchronous. */
 void mtp_session_close_all(struct mtp_front_ctx *fc);

@@ -17,8 +17,16 @@
  * record has arrived. We never send our Finished, so a TLS 1.3 server says nothing after
  * its first flight: the silence marks the end. The records are not decrypted.
  *
- * Worker threads only read: the domain list is fixed at setup and each learnt size is an
- * atomic, so mtp_tlsprobe_flight_size takes no lock.
+ * Worker threads only read, and take no lock: the domains, their learnt sizes (atomics) and
+ * the fixed size live in a table published through an atomic pointer. A reload builds a new
+ * table (learnt sizes of kept domains copied over: every write to them is on the main loop,
+ * as is the reload), publishes it with a release store and keeps the old one on a retired
+ * list, because a worker may still be looking at it; mtp_tlsprobe_reclaim frees the retired
+ * tables once the caller knows every worker has been back to its loop since (cmd/reload.c:
+ * after every worker ran the reload's call). The settings the probes use (target, timeouts,
+ * interval) are copies that only the main loop reads. A probe points at its domain's entry in
+ * the current table; a reload moves it to the new table's entry, or detaches it (closing it,
+ * its result dropped) when its domain is gone, the target changed or nothing is to be learnt.
  */
 #include "tlsprobe.h"
 
@@ -56,13 +64,21 @@ enum probe_state {
 
 struct pdomain {
   char *name;            /* owns: lower-cased domain */
-  _Atomic size_t learnt; /* the last learnt flight size; 0 = none yet */
+  _Atomic size_t learnt; /* the last learnt flight size; 0 = none yet (written on the main loop) */
   struct probe *running; /* borrows: the probe in flight or NULL (main thread only) */
+};
+
+/* What workers read. Immutable once published, except the learnt sizes and running. */
+struct dtable {
+  size_t fixed;          /* tls_flight_size, clamped; 0 = learn or draw */
+  struct dtable *retired_next; /* main thread: the retired list */
+  size_t n;
+  struct pdomain d[];
 };
 
 struct probe {
   struct mtp_tlsprobe *p; /* borrows */
-  size_t di;              /* index into p->domains */
+  struct pdomain *d;      /* borrows: its domain in the current table; NULL once detached */
   enum probe_state state;
   uv_getaddrinfo_t gai;
   uv_connect_t connect_req;
@@ -92,15 +108,27 @@ struct probe {
 };
 
 struct mtp_tlsprobe {
-  uv_loop_t *loop;              /* borrows */
-  const struct mtp_config *cfg; /* borrows */
-  struct pdomain *domains;      /* owns; fixed after setup */
-  size_t ndomains;
-  uv_timer_t timer; /* every tls_probe_interval */
-  bool timer_open;
-  size_t nprobes; /* probes not yet freed */
+  uv_loop_t *loop; /* borrows */
+  /* The settings in force (copies; main loop only). */
+  enum mtp_fronting_mode mode;
+  char *fronting_host; /* owns; NULL = none */
+  uint16_t fronting_port;
+  double connect_timeout;
+  double interval;
+  _Atomic(struct dtable *) table; /* owns: the published table (never NULL after setup) */
+  struct dtable *retired;         /* owns: tables replaced by reloads, until reclaim */
+  size_t nretired;
+  uv_timer_t timer; /* every tls_probe_interval while probes are wanted */
+  bool timer_open;  /* initialised and not closed */
+  bool timer_on;    /* started */
+  size_t nprobes;   /* probes not yet freed */
   bool stopping;
 };
+
+/* The published table; on the main loop it is also the current one. */
+static struct dtable *cur_table(const struct mtp_tlsprobe *p) {
+  return atomic_load_explicit(&((struct mtp_tlsprobe *)p)->table, memory_order_acquire);
+}
 
 static void on_handle_closed(uv_handle_t *h);
 static void connect_next(struct probe *q);
@@ -124,8 +152,8 @@ static size_t clamp_flight(size_t n) {
 
 static void probe_free(struct probe *q) {
   struct mtp_tlsprobe *p = q->p;
-  if (p->domains[q->di].running == q)
-    p->domains[q->di].running = NULL;
+  if (q->d != NULL && q->d->running == q)
+    q->d->running = NULL;
   p->nprobes--;
   if (q->ai != NULL)
     uv_freeaddrinfo(q->ai);
@@ -154,15 +182,15 @@ static void probe_fail(struct probe *q, const char *why) {
   if (q->state == P_CLOSING)
     return;
   MTP_COUNT(TLS_PROBE_FAIL);
-  mtp_log(MTP_LOG_WARN, "tls probe %s via %s failed: %s", q->p->domains[q->di].name, q->hostport, why);
+  mtp_log(MTP_LOG_WARN, "tls probe %s via %s failed: %s", q->d->name, q->hostport, why);
   probe_close(q);
 }
 
 static void probe_done(struct probe *q) {
   size_t n = clamp_flight(q->flight);
-  atomic_store_explicit(&q->p->domains[q->di].learnt, n, memory_order_relaxed);
+  atomic_store_explicit(&q->d->learnt, n, memory_order_relaxed);
   MTP_COUNT(TLS_PROBE_OK);
-  mtp_log(MTP_LOG_INFO, "tls probe %s via %s: flight %zu bytes", q->p->domains[q->di].name, q->hostport, n);
+  mtp_log(MTP_LOG_INFO, "tls probe %s via %s: flight %zu bytes", q->d->name, q->hostport, n);
   probe_close(q);
 }
 
@@ -315,7 +343,7 @@ static void on_read(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf) {
   if (q->nappdata > 0 && at_record_boundary(q))
     uv_timer_start(&q->timer, on_timer, PROBE_QUIET_MS, 0);
   else
-    uv_timer_start(&q->timer, on_timer, seconds_to_ms(q->p->cfg->fronting_connect_timeout), 0);
+    uv_timer_start(&q->timer, on_timer, seconds_to_ms(q->p->connect_timeout), 0);
 }
 
 /* ---- connect and send the hello ---- */
@@ -349,8 +377,8 @@ static void on_connected(uv_connect_t *req, int status) {
   uint8_t secret[16];
   int n = mtp_random(secret, sizeof(secret));
   if (n == MTP_OK)
-    n = mtp_faketls_client_hello(secret, q->p->domains[q->di].name, (uint32_t)time(NULL), MTP_FAKETLS_KIND_CLASSIC,
-                                 q->hello, sizeof(q->hello));
+    n = mtp_faketls_client_hello(secret, q->d->name, (uint32_t)time(NULL), MTP_FAKETLS_KIND_CLASSIC, q->hello,
+                                 sizeof(q->hello));
   if (n < 0) {
     probe_fail(q, mtp_strerror(n));
     return;
@@ -366,7 +394,7 @@ static void on_connected(uv_connect_t *req, int status) {
     return;
   }
   uv_timer_stop(&q->timer);
-  uv_timer_start(&q->timer, on_timer, seconds_to_ms(q->p->cfg->fronting_connect_timeout), 0);
+  uv_timer_start(&q->timer, on_timer, seconds_to_ms(q->p->connect_timeout), 0);
 }
 
 static void format_sockaddr(const struct sockaddr *a, char *out, size_t outlen) {
@@ -452,9 +480,8 @@ static bool copy_host(const char *host, char *out, size_t outlen) {
   return true;
 }
 
-/* Starts a probe of domain di unless one is still running. */
-static void probe_start(struct mtp_tlsprobe *p, size_t di) {
-  struct pdomain *d = &p->domains[di];
+/* Starts a probe of domain d (an entry of the current table) unless one is still running. */
+static void probe_start(struct mtp_tlsprobe *p, struct pdomain *d) {
   if (d->running != NULL || p->stopping)
     return;
   struct probe *q = mtp_calloc(1, sizeof(*q));
@@ -464,14 +491,14 @@ static void probe_start(struct mtp_tlsprobe *p, size_t di) {
     return;
   }
   q->p = p;
-  q->di = di;
+  q->d = d;
   bool ok;
-  if (p->cfg->fronting_mode == MTP_FRONTING_SNI) {
+  if (p->mode == MTP_FRONTING_SNI) {
     ok = copy_host(d->name, q->host, sizeof(q->host));
     q->port = 443;
   } else {
-    ok = copy_host(p->cfg->fronting_host, q->host, sizeof(q->host));
-    q->port = p->cfg->fronting_port;
+    ok = copy_host(p->fronting_host, q->host, sizeof(q->host));
+    q->port = p->fronting_port;
   }
   format_hostport(q->host, q->port, q->hostport, sizeof(q->hostport));
   if (!ok || q->port == 0) {
@@ -486,7 +513,7 @@ static void probe_start(struct mtp_tlsprobe *p, size_t di) {
   uv_timer_init(p->loop, &q->timer);
   q->timer.data = q;
   q->refs++;
-  uv_timer_start(&q->timer, on_timer, seconds_to_ms(p->cfg->fronting_connect_timeout), 0);
+  uv_timer_start(&q->timer, on_timer, seconds_to_ms(p->connect_timeout), 0);
   char port[8];
   snprintf(port, sizeof(port), "%u", (unsigned)q->port);
   struct addrinfo hints;
@@ -507,43 +534,172 @@ static void probe_start(struct mtp_tlsprobe *p, size_t di) {
 }
 
 static void probe_all(struct mtp_tlsprobe *p) {
-  for (size_t i = 0; i < p->ndomains; i++)
-    probe_start(p, i);
+  struct dtable *t = cur_table(p);
+  for (size_t i = 0; i < t->n; i++)
+    probe_start(p, &t->d[i]);
 }
 
 static void on_interval(uv_timer_t *t) { probe_all(t->data); }
 
-/* ---- public ---- */
+/* Closes d's running probe, if any, and forgets it: its result is dropped. */
+static void probe_detach(struct pdomain *d) {
+  struct probe *q = d->running;
+  if (q == NULL)
+    return;
+  d->running = NULL;
+  q->d = NULL;
+  probe_close(q);
+}
 
-static struct pdomain *find_domain(const struct mtp_tlsprobe *p, const char *domain) {
-  if (p == NULL || domain == NULL)
+/* ---- domain tables ---- */
+
+static struct pdomain *table_find(struct dtable *t, const char *domain) {
+  if (t == NULL || domain == NULL)
     return NULL;
-  for (size_t i = 0; i < p->ndomains; i++)
-    if (strcmp(p->domains[i].name, domain) == 0)
-      return &p->domains[i];
+  for (size_t i = 0; i < t->n; i++)
+    if (strcmp(t->d[i].name, domain) == 0)
+      return &t->d[i];
   return NULL;
 }
 
-static int add_domain(struct mtp_tlsprobe *p, const char *name) {
-  if (name == NULL || name[0] == '\0' || find_domain(p, name) != NULL)
+static void table_free(struct dtable *t) {
+  if (t == NULL)
+    return;
+  for (size_t i = 0; i < t->n; i++)
+    mtp_free(t->d[i].name);
+  mtp_free(t);
+}
+
+static int table_add(struct dtable *t, const char *name, const struct dtable *old) {
+  if (name == NULL || name[0] == '\0' || table_find(t, name) != NULL)
     return MTP_OK;
   char *copy = mtp_strdup(name);
   if (copy == NULL)
     return MTP_ENOMEM;
-  p->domains[p->ndomains].name = copy;
-  atomic_init(&p->domains[p->ndomains].learnt, 0);
-  p->domains[p->ndomains].running = NULL;
-  p->ndomains++;
+  struct pdomain *d = &t->d[t->n++];
+  d->name = copy;
+  const struct pdomain *was = table_find((struct dtable *)old, name);
+  atomic_init(&d->learnt, was != NULL ? atomic_load_explicit(&was->learnt, memory_order_relaxed) : 0);
+  d->running = NULL;
   return MTP_OK;
 }
 
-static void domains_free(struct mtp_tlsprobe *p) {
-  for (size_t i = 0; i < p->ndomains; i++)
-    mtp_free(p->domains[i].name);
-  mtp_free(p->domains);
-  p->domains = NULL;
-  p->ndomains = 0;
+/* A table for cfg's fake-TLS domains (global and per listener, each once) with the learnt
+ * sizes old has for them; NULL when out of memory. Main thread. */
+static struct dtable *table_make(const struct mtp_config *cfg, const struct dtable *old) {
+  size_t max = cfg->ntls_domains;
+  for (size_t i = 0; i < cfg->nlisteners; i++)
+    max += cfg->listeners[i].ntls_domains;
+  struct dtable *t = mtp_calloc(1, sizeof(*t) + max * sizeof(t->d[0]));
+  if (t == NULL)
+    return NULL;
+  t->fixed = cfg->tls_flight_size > 0 ? clamp_flight(cfg->tls_flight_size) : 0;
+  int r = MTP_OK;
+  for (size_t i = 0; i < cfg->ntls_domains && r == MTP_OK; i++)
+    r = table_add(t, cfg->tls_domains[i], old);
+  for (size_t i = 0; i < cfg->nlisteners && r == MTP_OK; i++)
+    for (size_t k = 0; k < cfg->listeners[i].ntls_domains && r == MTP_OK; k++)
+      r = table_add(t, cfg->listeners[i].tls_domains[k], old);
+  if (r != MTP_OK) {
+    table_free(t);
+    return NULL;
+  }
+  return t;
 }
+
+static bool str_eq(const char *a, const char *b) { return a == NULL || b == NULL ? a == b : strcmp(a, b) == 0; }
+
+static void on_timer_closed(uv_handle_t *h) { (void)h; }
+
+/* Probes are wanted when there is a site to imitate (fronting on), the size is not fixed and
+ * there are domains. */
+static bool wants_probes(const struct mtp_tlsprobe *p, const struct dtable *t) {
+  return p->mode != MTP_FRONTING_OFF && t->fixed == 0 && t->n > 0;
+}
+
+/* ---- public ---- */
+
+int mtp_tlsprobe_reconfigure(struct mtp_tlsprobe *p, const struct mtp_config *cfg) {
+  struct dtable *old = cur_table(p);
+  struct dtable *t = table_make(cfg, old);
+  char *host = NULL;
+  if (t == NULL || (cfg->fronting_host != NULL && (host = mtp_strdup(cfg->fronting_host)) == NULL)) {
+    table_free(t);
+    return MTP_ENOMEM;
+  }
+  bool target_changed = old == NULL || p->mode != cfg->fronting_mode || !str_eq(p->fronting_host, host) ||
+                        p->fronting_port != cfg->fronting_port;
+  double old_interval = p->interval;
+  mtp_free(p->fronting_host);
+  p->fronting_host = host;
+  p->mode = cfg->fronting_mode;
+  p->fronting_port = cfg->fronting_port;
+  p->connect_timeout = cfg->fronting_connect_timeout;
+  p->interval = cfg->tls_probe_interval;
+  bool want = wants_probes(p, t);
+
+  /* Running probes move to the new table, or are dropped: their domain is gone, their target
+   * changed, or nothing is to be learnt any more. */
+  for (size_t i = 0; old != NULL && i < old->n; i++) {
+    struct pdomain *d = &old->d[i];
+    struct pdomain *nd = table_find(t, d->name);
+    if (d->running == NULL)
+      continue;
+    if (nd == NULL || target_changed || !want) {
+      probe_detach(d);
+      continue;
+    }
+    nd->running = d->running;
+    nd->running->d = nd;
+    d->running = NULL;
+  }
+
+  /* Publish; workers may still be reading old: it waits on the retired list. */
+  atomic_store_explicit(&p->table, t, memory_order_release);
+  if (old != NULL) {
+    old->retired_next = p->retired;
+    p->retired = old;
+    p->nretired++;
+  }
+
+  if (p->stopping)
+    return MTP_OK;
+  if (!want) {
+    if (p->timer_on)
+      uv_timer_stop(&p->timer);
+    p->timer_on = false;
+    return MTP_OK;
+  }
+  if (!p->timer_open) {
+    uv_timer_init(p->loop, &p->timer);
+    p->timer.data = p;
+    p->timer_open = true;
+  }
+  if (!p->timer_on || old_interval != p->interval) {
+    uint64_t every = seconds_to_ms(p->interval);
+    uv_timer_start(&p->timer, on_interval, every, every);
+    p->timer_on = true;
+  }
+  /* At once: every domain when the target is new (the start included), else the domains
+   * nothing is known about yet (added by this reload, or whose probes failed so far). */
+  for (size_t i = 0; i < t->n; i++)
+    if (target_changed || atomic_load_explicit(&t->d[i].learnt, memory_order_relaxed) == 0)
+      probe_start(p, &t->d[i]);
+  return MTP_OK;
+}
+
+void mtp_tlsprobe_reclaim(struct mtp_tlsprobe *p) {
+  if (p == NULL)
+    return;
+  while (p->retired != NULL) {
+    struct dtable *t = p->retired;
+    p->retired = t->retired_next;
+    table_free(t);
+  }
+  p->nretired = 0;
+}
+
+size_t mtp_tlsprobe_nretired(const struct mtp_tlsprobe *p) { return p != NULL ? p->nretired : 0; }
 
 int mtp_tlsprobe_setup(struct mtp_tlsprobe **out, const struct mtp_config *cfg, uv_loop_t *main_loop) {
   *out = NULL;
@@ -551,45 +707,21 @@ int mtp_tlsprobe_setup(struct mtp_tlsprobe **out, const struct mtp_config *cfg, 
   if (p == NULL)
     return MTP_ENOMEM;
   p->loop = main_loop;
-  p->cfg = cfg;
-  size_t max = cfg->ntls_domains;
-  for (size_t i = 0; i < cfg->nlisteners; i++)
-    max += cfg->listeners[i].ntls_domains;
-  if (max > 0) {
-    p->domains = mtp_calloc(max, sizeof(*p->domains));
-    if (p->domains == NULL) {
-      mtp_free(p);
-      return MTP_ENOMEM;
-    }
-  }
-  int r = MTP_OK;
-  for (size_t i = 0; i < cfg->ntls_domains && r == MTP_OK; i++)
-    r = add_domain(p, cfg->tls_domains[i]);
-  for (size_t i = 0; i < cfg->nlisteners && r == MTP_OK; i++)
-    for (size_t k = 0; k < cfg->listeners[i].ntls_domains && r == MTP_OK; k++)
-      r = add_domain(p, cfg->listeners[i].tls_domains[k]);
+  atomic_init(&p->table, NULL);
+  int r = mtp_tlsprobe_reconfigure(p, cfg);
   if (r != MTP_OK) {
-    domains_free(p);
     mtp_free(p);
     return r;
-  }
-  /* Nothing to learn when fronting is off (no site to imitate) or the size is fixed. */
-  if (cfg->fronting_mode != MTP_FRONTING_OFF && cfg->tls_flight_size == 0 && p->ndomains > 0) {
-    uv_timer_init(main_loop, &p->timer);
-    p->timer.data = p;
-    p->timer_open = true;
-    uint64_t every = seconds_to_ms(cfg->tls_probe_interval);
-    uv_timer_start(&p->timer, on_interval, every, every);
-    probe_all(p);
   }
   *out = p;
   return MTP_OK;
 }
 
 size_t mtp_tlsprobe_flight_size(struct mtp_tlsprobe *p, const char *domain) {
-  if (p != NULL && p->cfg->tls_flight_size > 0)
-    return clamp_flight(p->cfg->tls_flight_size);
-  const struct pdomain *d = find_domain(p, domain);
+  struct dtable *t = p != NULL ? cur_table(p) : NULL;
+  if (t != NULL && t->fixed > 0)
+    return t->fixed;
+  const struct pdomain *d = table_find(t, domain);
   if (d != NULL) {
     size_t n = atomic_load_explicit(&d->learnt, memory_order_relaxed);
     if (n > 0)
@@ -599,11 +731,9 @@ size_t mtp_tlsprobe_flight_size(struct mtp_tlsprobe *p, const char *domain) {
 }
 
 size_t mtp_tlsprobe_learnt(struct mtp_tlsprobe *p, const char *domain) {
-  const struct pdomain *d = find_domain(p, domain);
+  const struct pdomain *d = table_find(p != NULL ? cur_table(p) : NULL, domain);
   return d != NULL ? atomic_load_explicit(&d->learnt, memory_order_relaxed) : 0;
 }
-
-static void on_timer_closed(uv_handle_t *h) { (void)h; }
 
 void mtp_tlsprobe_stop(struct mtp_tlsprobe *p) {
   if (p == NULL || p->stopping)
@@ -611,11 +741,13 @@ void mtp_tlsprobe_stop(struct mtp_tlsprobe *p) {
   p->stopping = true;
   if (p->timer_open) {
     p->timer_open = false;
+    p->timer_on = false;
     uv_close((uv_handle_t *)&p->timer, on_timer_closed);
   }
-  for (size_t i = 0; i < p->ndomains; i++)
-    if (p->domains[i].running != NULL)
-      probe_close(p->domains[i].running);
+  struct dtable *t = cur_table(p);
+  for (size_t i = 0; i < t->n; i++)
+    if (t->d[i].running != NULL)
+      probe_close(t->d[i].running);
 }
 
 void mtp_tlsprobe_free(struct mtp_tlsprobe *p) {
@@ -623,6 +755,8 @@ void mtp_tlsprobe_free(struct mtp_tlsprobe *p) {
     return;
   if (p->nprobes > 0)
     mtp_log(MTP_LOG_ERROR, "tls probe: freed with %zu probes still running", p->nprobes);
-  domains_free(p);
+  mtp_tlsprobe_reclaim(p);
+  table_free(cur_table(p));
+  mtp_free(p->fronting_host);
   mtp_free(p);
 }

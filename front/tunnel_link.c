@@ -24,6 +24,7 @@
 
 #include <arpa/inet.h>
 #include <netinet/in.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -42,40 +43,29 @@
 #define MAX_BACKOFF_MS 5000u
 /* A connection that stayed up this long resets the backoff. */
 #define STABLE_MS 1000u
-/* Default per-stream window when the config says 0. */
-#define DEFAULT_WINDOW ((1u << 20) + (64u << 10))
-
-struct fpend {
-  struct fpend *next; /* owns */
-  size_t len;
-  bool quickack;
-  uint8_t data[];
-};
 
 struct tslot;
 
 struct fstream {
-  uint64_t id;
+  struct mtp_tunnel_stream st;          /* id, the back's credit, packets waiting for it: on
+                                         * slot->conn while in the slot */
   struct tslot *slot;                   /* borrows; NULL once the stream left its slot */
-  struct fstream *next, **pprev;        /* in slot->streams */
-  struct fstream *dnext, **dpprev;      /* in slot->dirty: credit to give back */
   void *front;                          /* borrows */
   const struct mtp_link_front_ops *ops; /* borrows */
-  int64_t credit;                       /* Data bytes we may still send */
-  int64_t window;                       /* the back's window for this stream */
-  uint64_t grant;                       /* bytes passed to the front, not yet credited */
-  struct fpend *pend_head;              /* owns: packets waiting for credit */
-  struct fpend **pend_tail;
-  size_t pend_bytes;
   bool want_writable;                   /* send() said FULL; on_writable is owed */
   bool gone;                            /* closed by the front, or on_close delivered */
   int busy;                             /* ops being delivered */
 };
 
+static struct fstream *fstream_of(struct mtp_tunnel_stream *st) {
+  return (struct fstream *)((char *)st - offsetof(struct fstream, st));
+}
+
 struct tslot {
   struct mtp_tunnel_link *t;       /* borrows */
   int index;
-  struct mtp_tunnel_conn *conn;    /* borrows (the conn frees itself): dialing or up; NULL between */
+  struct mtp_tunnel_conn *conn;    /* borrows (the conn frees itself; it lists the slot's
+                                    * streams): dialing or up; NULL between */
   bool up;
   uint64_t up_since;
   uv_timer_t retry;
@@ -83,9 +73,6 @@ struct tslot {
   bool resolving;
   uint64_t backoff_ms;
   unsigned attempts;               /* failed attempts since the last up connection */
-  struct fstream *streams;
-  size_t nstreams;
-  struct fstream *dirty;
 };
 
 struct mtp_tunnel_link {
@@ -105,23 +92,10 @@ struct mtp_tunnel_link {
   uint32_t *freelist;           /* owns */
   uint32_t tab_cap, tab_used, nfree;
   uint32_t gen;
-  uint64_t window;
-  uint64_t heartbeat_ms, timeout_ms;
-  char node[64];
+  struct mtp_tunnel_params p;   /* window, heartbeat, timeout, node */
   unsigned long long next_log_id;
   bool stopping;
 };
-
-static uint64_t seconds_to_ms(double s, uint64_t dflt) {
-  if (!(s > 0))
-    return dflt;
-  double ms = s * 1000.0 + 0.5;
-  if (ms < 1)
-    return 1;
-  if (ms > 1e12)
-    return (uint64_t)1e12;
-  return (uint64_t)ms;
-}
 
 /* ---- stream table and lists ---- */
 
@@ -130,7 +104,7 @@ static struct fstream *stream_get(struct mtp_tunnel_link *t, uint64_t id) {
   if (low == 0 || low > t->tab_used)
     return NULL;
   struct fstream *s = t->tab[low - 1];
-  return s != NULL && s->id == id ? s : NULL;
+  return s != NULL && s->st.id == id ? s : NULL;
 }
 
 static int stream_put(struct mtp_tunnel_link *t, struct fstream *s) {
@@ -155,70 +129,25 @@ static int stream_put(struct mtp_tunnel_link *t, struct fstream *s) {
     idx = t->tab_used++;
   }
   t->gen++;
-  s->id = ((uint64_t)t->gen << 32) | (uint64_t)(idx + 1);
+  s->st.id = ((uint64_t)t->gen << 32) | (uint64_t)(idx + 1);
   t->tab[idx] = s;
   return MTP_OK;
 }
 
-static void dirty_add(struct fstream *s) {
-  if (s->dpprev != NULL || s->slot == NULL)
-    return;
-  struct tslot *sl = s->slot;
-  s->dnext = sl->dirty;
-  if (sl->dirty != NULL)
-    sl->dirty->dpprev = &s->dnext;
-  s->dpprev = &sl->dirty;
-  sl->dirty = s;
-}
-
-static void dirty_del(struct fstream *s) {
-  if (s->dpprev == NULL)
-    return;
-  *s->dpprev = s->dnext;
-  if (s->dnext != NULL)
-    s->dnext->dpprev = s->dpprev;
-  s->dnext = NULL;
-  s->dpprev = NULL;
-}
-
-static void slot_add(struct tslot *sl, struct fstream *s) {
-  s->slot = sl;
-  s->next = sl->streams;
-  if (sl->streams != NULL)
-    sl->streams->pprev = &s->next;
-  s->pprev = &sl->streams;
-  sl->streams = s;
-  sl->nstreams++;
-}
-
-/* Takes s out of its slot (lists only; the table entry stays). */
+/* Takes s out of its slot (and its connection; the table entry stays). */
 static void slot_del(struct fstream *s) {
-  dirty_del(s);
-  if (s->pprev != NULL) {
-    *s->pprev = s->next;
-    if (s->next != NULL)
-      s->next->pprev = s->pprev;
-    s->slot->nstreams--;
-  }
-  s->next = NULL;
-  s->pprev = NULL;
+  mtp_tunnel_stream_detach(&s->st);
   s->slot = NULL;
 }
 
 static void stream_free(struct mtp_tunnel_link *t, struct fstream *s) {
   slot_del(s);
-  uint32_t low = (uint32_t)s->id;
+  uint32_t low = (uint32_t)s->st.id;
   if (low != 0 && low <= t->tab_used && t->tab[low - 1] == s) {
     t->tab[low - 1] = NULL;
     t->freelist[t->nfree++] = low - 1;
   }
-  struct fpend *p = s->pend_head;
-  while (p != NULL) {
-    struct fpend *n = p->next;
-    mtp_free(p);
-    p = n;
-  }
-  mtp_metric_add(MTP_M_TUNNEL_STREAMS, -1);
+  mtp_tunnel_stream_free(&s->st);
   mtp_free(s);
 }
 
@@ -247,28 +176,12 @@ static void stream_kill(struct mtp_tunnel_link *t, struct fstream *s, int reason
 
 /* ---- sending ---- */
 
-static bool credit_allows(const struct fstream *s, size_t len) {
-  return s->credit >= (int64_t)len || s->credit >= s->window;
-}
-
-/* Sends what credit allows from s's queue; then on_writable if it was owed and s may take
+/* After s's queue was drained (rc: how that went): on_writable if it was owed and s may take
  * more. s may be freed when this returns. */
-static void stream_drain(struct mtp_tunnel_link *t, struct fstream *s) {
-  struct mtp_tunnel_conn *c = s->slot != NULL ? s->slot->conn : NULL;
-  if (c == NULL || s->gone)
-    return;
-  while (s->pend_head != NULL && credit_allows(s, s->pend_head->len)) {
-    struct fpend *p = s->pend_head;
-    if (mtp_tunnel_conn_send_data(c, s->id, p->data, p->len, p->quickack) != MTP_OK)
-      return; /* the connection is closing; its on_close ends the stream */
-    s->credit -= (int64_t)p->len;
-    s->pend_head = p->next;
-    if (s->pend_head == NULL)
-      s->pend_tail = &s->pend_head;
-    s->pend_bytes -= p->len;
-    mtp_free(p);
-  }
-  if (s->want_writable && s->pend_head == NULL && s->credit > 0 && !mtp_tunnel_conn_is_congested(c)) {
+static void stream_wake(struct mtp_tunnel_link *t, struct fstream *s, int rc) {
+  if (rc != MTP_OK || s->gone)
+    return; /* the connection is closing; its on_close ends the stream */
+  if (s->want_writable && mtp_tunnel_stream_may_send(&s->st)) {
     s->want_writable = false;
     s->busy++;
     s->ops->on_writable(s->front);
@@ -327,11 +240,8 @@ static void *link_open(struct mtp_link *link, const struct mtp_link_open *req, v
   }
   s->front = front;
   s->ops = ops;
-  s->pend_tail = &s->pend_head;
-  uint64_t w = mtp_tunnel_conn_peer_window(sl->conn);
-  s->window = (int64_t)(w > (uint64_t)INT64_MAX / 2 ? (uint64_t)INT64_MAX / 2 : w);
-  s->credit = s->window;
-  mtp_metric_add(MTP_M_TUNNEL_STREAMS, 1);
+  s->slot = sl;
+  mtp_tunnel_stream_attach(&s->st, sl->conn);
 
   uint8_t cip[16], lip[16];
   size_t cl, ll;
@@ -339,7 +249,7 @@ static void *link_open(struct mtp_link *link, const struct mtp_link_open *req, v
   addr_to_bytes(&req->client_addr, cip, &cl, &cport);
   addr_to_bytes(&req->local_addr, lip, &ll, &lport);
   Mtp__Open o = MTP__OPEN__INIT;
-  o.stream = s->id;
+  o.stream = s->st.id;
   o.dc = req->dc;
   o.proto = (uint32_t)req->proto;
   o.flags = 0;
@@ -363,7 +273,6 @@ static void *link_open(struct mtp_link *link, const struct mtp_link_open *req, v
     *err = rc == MTP_ECLOSED ? MTP_ELINKDOWN : rc;
     return NULL;
   }
-  slot_add(sl, s);
   MTP_COUNT(TUNNEL_STREAMS_OPENED);
   return s;
 }
@@ -378,29 +287,12 @@ static int link_send(struct mtp_link *link, void *stream, const uint8_t *data, s
     return MTP_EPROTO;
   if (len > MTP_TUNNEL_MAX_FRAME - MTP_TUNNEL_DATA_HDR_MAX)
     return MTP_ETOOBIG;
-  struct mtp_tunnel_conn *c = s->slot->conn;
-  if (s->pend_head == NULL && credit_allows(s, len)) {
-    int rc = mtp_tunnel_conn_send_data(c, s->id, data, len, quickack);
-    if (rc != MTP_OK)
-      return rc == MTP_ECLOSED ? MTP_ELINKDOWN : rc;
-    s->credit -= (int64_t)len;
-  } else {
-    /* Over credit: keep it. The session stops reading after MTP_LINK_FULL, so at most what it
-     * had already read waits here; more than that is a broken caller. */
-    if (s->pend_bytes > 0 && s->pend_bytes + len > (size_t)s->window + MTP_TUNNEL_MAX_FRAME)
-      return MTP_EBACKPRESSURE;
-    struct fpend *p = mtp_malloc(sizeof(*p) + len);
-    if (p == NULL)
-      return MTP_ENOMEM;
-    p->next = NULL;
-    p->len = len;
-    p->quickack = quickack;
-    memcpy(p->data, data, len);
-    *s->pend_tail = p;
-    s->pend_tail = &p->next;
-    s->pend_bytes += len;
-  }
-  if (s->pend_head != NULL || s->credit <= 0 || mtp_tunnel_conn_is_congested(c)) {
+  /* Over credit it is kept. The session stops reading after MTP_LINK_FULL, so at most what it
+   * had already read waits here; more than that is a broken caller (MTP_EBACKPRESSURE). */
+  int rc = mtp_tunnel_stream_write(&s->st, data, len, quickack, (size_t)s->st.window + MTP_TUNNEL_MAX_FRAME);
+  if (rc != MTP_OK)
+    return rc == MTP_ECLOSED ? MTP_ELINKDOWN : rc;
+  if (!mtp_tunnel_stream_may_send(&s->st)) {
     s->want_writable = true;
     return MTP_LINK_FULL;
   }
@@ -414,7 +306,7 @@ static void link_close(struct mtp_link *link, void *stream) {
     return;
   s->gone = true;
   if (s->slot != NULL && s->slot->conn != NULL)
-    mtp_tunnel_conn_send_close(s->slot->conn, s->id, MTP_LINK_CLOSE_NORMAL);
+    mtp_tunnel_conn_send_close(s->slot->conn, s->st.id, MTP_LINK_CLOSE_NORMAL);
   slot_del(s);
   if (s->busy == 0)
     stream_free(t, s);
@@ -448,9 +340,7 @@ static void on_conn_frame(struct mtp_tunnel_conn *c, const Mtp__Frame *f) {
     s->ops->on_packet(s->front, f->data->packet.data, len);
     if (op_done(t, s))
       return;
-    s->grant += len;
-    dirty_add(s);
-    mtp_tunnel_conn_want_flush(c);
+    mtp_tunnel_stream_grant(&s->st, len);
     break;
   }
   case MTP__FRAME__MSG_QUICKACK:
@@ -461,29 +351,11 @@ static void on_conn_frame(struct mtp_tunnel_conn *c, const Mtp__Frame *f) {
   case MTP__FRAME__MSG_CLOSE:
     stream_kill(t, s, (int)f->close->reason);
     break;
-  case MTP__FRAME__MSG_CREDIT: {
-    uint64_t n = f->credit->bytes;
-    if (n > (uint64_t)INT64_MAX / 4)
-      n = (uint64_t)INT64_MAX / 4;
-    if (s->credit < INT64_MAX / 2)
-      s->credit += (int64_t)n;
-    stream_drain(t, s);
+  case MTP__FRAME__MSG_CREDIT:
+    stream_wake(t, s, mtp_tunnel_stream_credit(&s->st, f->credit->bytes));
     break;
-  }
   default:
     break;
-  }
-}
-
-static void on_conn_flush(struct mtp_tunnel_conn *c) {
-  struct tslot *sl = mtp_tunnel_conn_data(c);
-  struct fstream *s;
-  while ((s = sl->dirty) != NULL) {
-    dirty_del(s);
-    if (s->grant > 0 && !s->gone) {
-      mtp_tunnel_conn_send_credit(c, s->id, s->grant);
-      s->grant = 0;
-    }
   }
 }
 
@@ -491,8 +363,8 @@ static void on_conn_writable(struct mtp_tunnel_conn *c) {
   struct tslot *sl = mtp_tunnel_conn_data(c);
   struct mtp_tunnel_link *t = sl->t;
   size_t n = 0;
-  for (struct fstream *s = sl->streams; s != NULL; s = s->next)
-    n += s->want_writable;
+  for (struct mtp_tunnel_stream *st = mtp_tunnel_conn_streams(c); st != NULL; st = mtp_tunnel_stream_next(st))
+    n += fstream_of(st)->want_writable;
   if (n == 0)
     return;
   uint64_t small[64];
@@ -500,14 +372,14 @@ static void on_conn_writable(struct mtp_tunnel_conn *c) {
   if (ids == NULL)
     return; /* the next Credit frame for each will do it */
   size_t k = 0;
-  for (struct fstream *s = sl->streams; s != NULL && k < n; s = s->next)
-    if (s->want_writable)
-      ids[k++] = s->id;
+  for (struct mtp_tunnel_stream *st = mtp_tunnel_conn_streams(c); st != NULL && k < n; st = mtp_tunnel_stream_next(st))
+    if (fstream_of(st)->want_writable)
+      ids[k++] = st->id;
   /* The fronts may close streams (theirs, or others) during the callbacks: look each up again. */
   for (size_t i = 0; i < k && sl->conn == c && !mtp_tunnel_conn_is_congested(c); i++) {
     struct fstream *s = stream_get(t, ids[i]);
     if (s != NULL && s->slot == sl && !s->gone)
-      stream_drain(t, s);
+      stream_wake(t, s, mtp_tunnel_stream_drain(&s->st));
   }
   if (ids != small)
     mtp_free(ids);
@@ -551,11 +423,11 @@ static void on_conn_close(struct mtp_tunnel_conn *c, int err, const char *why) {
   sl->up = false;
   if (sl->conn == c)
     sl->conn = NULL;
-  size_t n = sl->nstreams;
+  size_t n = mtp_tunnel_conn_nstreams(c);
   int reason = t->stopping ? MTP_LINK_CLOSE_SHUTDOWN : MTP_LINK_CLOSE_LINK_DOWN;
-  struct fstream *s;
-  while ((s = sl->streams) != NULL)
-    stream_kill(t, s, reason);
+  struct mtp_tunnel_stream *st;
+  while ((st = mtp_tunnel_conn_streams(c)) != NULL)
+    stream_kill(t, fstream_of(st), reason);
   const struct mtp_log_ctx *log = mtp_tunnel_conn_log(c);
   if (t->stopping) {
     mtp_debugc(log, "tunnel %d closed: %s", sl->index, why);
@@ -582,7 +454,6 @@ static const struct mtp_tunnel_conn_ops CONN_OPS = {
     .on_up = on_conn_up,
     .on_frame = on_conn_frame,
     .on_writable = on_conn_writable,
-    .on_flush = on_conn_flush,
     .on_close = on_conn_close,
 };
 
@@ -591,10 +462,10 @@ static void slot_connect(struct tslot *sl, const struct sockaddr *addr) {
   struct mtp_tunnel_conn_opts o = {
       .ops = &CONN_OPS,
       .data = sl,
-      .node = t->node,
-      .window = t->window,
-      .heartbeat_ms = t->heartbeat_ms,
-      .timeout_ms = t->timeout_ms,
+      .node = t->p.node,
+      .window = t->p.window,
+      .heartbeat_ms = t->p.heartbeat_ms,
+      .timeout_ms = t->p.timeout_ms,
       .log_id = t->next_log_id++,
       .where = "tunnel",
   };
@@ -733,28 +604,9 @@ int mtp_tunnel_link_setup(struct mtp_tunnel_link **out, const struct mtp_config 
     mtp_free(t);
     return rc;
   }
-  t->window = cfg->tunnel_window > 0 ? cfg->tunnel_window : DEFAULT_WINDOW;
-  t->heartbeat_ms = seconds_to_ms(cfg->tunnel_heartbeat, 5000);
-  t->timeout_ms = seconds_to_ms(cfg->tunnel_timeout, 20000);
-  if (cfg->node_name != NULL && cfg->node_name[0] != '\0') {
-    snprintf(t->node, sizeof(t->node), "%s", cfg->node_name);
-  } else if (gethostname(t->node, sizeof(t->node) - 1) != 0) {
-    snprintf(t->node, sizeof(t->node), "front");
-  }
-  t->node[sizeof(t->node) - 1] = '\0';
-
-  struct mtp_tls_conf_opts to = {
-      .role = MTP_TLS_CLIENT,
-      .cert = cfg->tunnel_cert,
-      .key = cfg->tunnel_key,
-      .ca = cfg->tunnel_ca,
-      .peer_name = "back", /* MTP_CERTS_BACK_NAME (back/certs.h) */
-      .cert_opt = "tunnel_cert",
-      .key_opt = "tunnel_key",
-      .ca_opt = "tunnel_ca",
-      .handshake_timeout_ms = t->timeout_ms,
-  };
-  rc = mtp_tls_conf_setup(&t->tls, &to, err, errlen);
+  mtp_tunnel_params_init(&t->p, cfg, "front");
+  /* The back's certificate must name it "back": MTP_CERTS_BACK_NAME (back/certs.h). */
+  rc = mtp_tunnel_tls_setup(&t->tls, cfg, MTP_TLS_CLIENT, "back", t->p.timeout_ms, err, errlen);
   if (rc != MTP_OK) {
     mtp_free(t);
     return rc;
@@ -802,9 +654,9 @@ void mtp_tunnel_link_stop(struct mtp_tunnel_link *t) {
     uv_close((uv_handle_t *)&sl->retry, NULL);
     if (sl->resolving)
       uv_cancel((uv_req_t *)&sl->gai);
-    struct fstream *s;
-    while ((s = sl->streams) != NULL)
-      stream_kill(t, s, MTP_LINK_CLOSE_SHUTDOWN);
+    struct mtp_tunnel_stream *st;
+    while (sl->conn != NULL && (st = mtp_tunnel_conn_streams(sl->conn)) != NULL)
+      stream_kill(t, fstream_of(st), MTP_LINK_CLOSE_SHUTDOWN);
     sl->up = false;
     if (sl->conn != NULL)
       mtp_tunnel_conn_close(sl->conn, MTP_OK, MTP_LINK_CLOSE_SHUTDOWN, "the front is stopping");

@@ -13,6 +13,11 @@
  * Section 20 reloads: mtp_front_worker_reconfigure on the loop thread (run_on_loop) with
  * configuration generations made here, checking kept / added / removed listeners, new secrets
  * for new clients only, and when each generation is freed.
+ *
+ * Client connections by listener (front/lstats.h) are checked along the way: accepted, open
+ * and handshakes by protocol per listener (sections 1 and 13), and across the reloads of
+ * section 20: a new listener is counted, a removed one is listed while its client is open and
+ * disappears after, and the workers' blocks are dropped when they are no longer needed.
  */
 #include <errno.h>
 #include <netinet/in.h>
@@ -36,6 +41,7 @@
 #include "front.h"
 #include "link.h"
 #include "log.h"
+#include "lstats.h"
 #include "metrics.h"
 #include "obf2.h"
 #include "replay.h"
@@ -736,6 +742,59 @@ static size_t reconfigure(struct mtp_front_worker *w, struct mtp_front_gen *g,
   return c.nlisteners;
 }
 
+/* ---- client connections by listener ---- */
+
+static struct mtp_lstats *lstats;
+
+/* The sums for listener name as mtp_lstats_sum lists them under c; false when not listed. */
+static bool lrow(const struct mtp_config *c, const char *name, struct mtp_lstats_row *out) {
+  struct mtp_lstats_row *rows = NULL;
+  size_t n = 0;
+  CHECK(mtp_lstats_sum(lstats, c, &rows, &n) == MTP_OK);
+  bool found = false;
+  memset(out, 0, sizeof(*out));
+  for (size_t i = 0; i < n && !found; i++) {
+    if (strcmp(rows[i].name, name) == 0) {
+      *out = rows[i];
+      out->name = NULL;
+      found = true;
+    }
+  }
+  mtp_lstats_rows_free(rows, n);
+  return found;
+}
+
+static int64_t lcount(const struct mtp_config *c, const char *name, enum mtp_lstat k) {
+  struct mtp_lstats_row r;
+  CHECK_MSG(lrow(c, name, &r), "listener %s is not listed", name);
+  return r.v[k];
+}
+
+/* Waits (bounded) until listener name's counter k is want (sessions end asynchronously). */
+static bool wait_lstat(const struct mtp_config *c, const char *name, enum mtp_lstat k, int64_t want) {
+  double deadline = now_s() + 5.0;
+  while (lcount(c, name, k) != want) {
+    if (now_s() > deadline)
+      return false;
+    struct timespec ts = {0, 2 * 1000 * 1000};
+    nanosleep(&ts, NULL);
+  }
+  return true;
+}
+
+/* Waits (bounded) until listener name is no longer listed. */
+static bool wait_unlisted(const struct mtp_config *c, const char *name) {
+  double deadline = now_s() + 5.0;
+  struct mtp_lstats_row r;
+  while (lrow(c, name, &r)) {
+    if (now_s() > deadline)
+      return false;
+    struct timespec ts = {0, 2 * 1000 * 1000};
+    nanosleep(&ts, NULL);
+  }
+  return true;
+}
+
 /* True when nothing listens on 127.0.0.1:port any more (connect is refused). */
 static bool port_refuses(uint16_t port) {
   int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
@@ -821,6 +880,8 @@ int main(void) {
   struct mtp_front_shared shared;
   memset(&shared, 0, sizeof(shared));
   shared.replay = &replay;
+  CHECK(mtp_lstats_create(&lstats) == MTP_OK);
+  shared.lstats = lstats;
 
   CHECK(uv_loop_init(&loop) == 0);
   CHECK(uv_async_init(&loop, &stop_async, on_stop_async) == 0);
@@ -868,6 +929,27 @@ int main(void) {
       CHECK(metric(MTP_M_QUICKACKS) == qa0 + 1);
       tc_close(c);
     }
+    /* By listener: three clients on l0, one handshake of each protocol, none open now; every
+     * listener of the configuration is listed; worker 2's l5 (not in cfg, no clients) is not. */
+    CHECK(wait_lstat(&cfg, "l0", MTP_LSTAT_ACTIVE, 0));
+    CHECK(lcount(&cfg, "l0", MTP_LSTAT_ACCEPTED) == 3);
+    CHECK(lcount(&cfg, "l0", MTP_LSTAT_HS_ABRIDGED) == 1);
+    CHECK(lcount(&cfg, "l0", MTP_LSTAT_HS_INTERMEDIATE) == 1);
+    CHECK(lcount(&cfg, "l0", MTP_LSTAT_HS_SECURE) == 1);
+    CHECK(lcount(&cfg, "l0", MTP_LSTAT_HS_FAKE_TLS) == 0);
+    struct mtp_lstats_row r;
+    CHECK(lrow(&cfg, "l1", &r) && !r.removed && r.v[MTP_LSTAT_ACCEPTED] == 0);
+    CHECK(lrow(&cfg, "l3", &r) && !r.removed);
+    CHECK(!lrow(&cfg, "l5", &r));
+    CHECK(lrow(&cfg2, "l5", &r) && r.v[MTP_LSTAT_ACCEPTED] == 0);
+    /* One open client is counted as open. */
+    struct tc *c = tc_open(port0, SECRET_A, MTP_PROTO_ABRIDGED, 2, 0);
+    check_echo(c, 8, 'e', false, false);
+    CHECK(lcount(&cfg, "l0", MTP_LSTAT_ACTIVE) == 1);
+    CHECK(lcount(&cfg, "l0", MTP_LSTAT_ACCEPTED) == 4);
+    tc_close(c);
+    CHECK(wait_lstat(&cfg, "l0", MTP_LSTAT_ACTIVE, 0));
+    CHECK(mtp_lstats_nblocks(lstats) == 5); /* worker: l0..l3, worker 2: l5 */
   }
 
   /* 2. Header and packet one byte per send: every split of the input works. */
@@ -1028,6 +1110,8 @@ int main(void) {
     } inner[] = {{MTP_PROTO_ABRIDGED, MTP_M_HS_OK_ABRIDGED},
                  {MTP_PROTO_INTERMEDIATE, MTP_M_HS_OK_INTERMEDIATE},
                  {MTP_PROTO_PADDED, MTP_M_HS_OK_SECURE}};
+    int64_t l2_tls0 = lcount(&cfg, "l2", MTP_LSTAT_HS_FAKE_TLS), l2_sec0 = lcount(&cfg, "l2", MTP_LSTAT_HS_SECURE);
+    int64_t l2_acc0 = lcount(&cfg, "l2", MTP_LSTAT_ACCEPTED);
     for (size_t i = 0; i < 3; i++) {
       for (int kind = 0; kind < 2; kind++) {
         int64_t tls0 = metric(MTP_M_HS_OK_FAKE_TLS), ok0 = metric(inner[i].ok);
@@ -1049,6 +1133,11 @@ int main(void) {
         tc_close(c);
       }
     }
+    /* By listener, fake-TLS counts as fake_tls whatever the framing inside. */
+    CHECK(lcount(&cfg, "l2", MTP_LSTAT_HS_FAKE_TLS) == l2_tls0 + 6);
+    CHECK(lcount(&cfg, "l2", MTP_LSTAT_HS_SECURE) == l2_sec0);
+    CHECK(lcount(&cfg, "l2", MTP_LSTAT_HS_ABRIDGED) == 0);
+    CHECK(lcount(&cfg, "l2", MTP_LSTAT_ACCEPTED) == l2_acc0 + 6);
   }
 
   /* 14. Hello one byte per send; hello + CCS + header + packet in one write; records of one
@@ -1291,6 +1380,10 @@ int main(void) {
     CHECK(wait_no_streams(5.0));
     struct tc *old_client = tc_open(port0, SECRET_A, MTP_PROTO_ABRIDGED, 2, 0);
     check_echo(old_client, 64, 'o', false, false);
+    struct tc *l1_client = tc_open(port1, SECRET_B, MTP_PROTO_ABRIDGED, 2, 0); /* l1 goes away */
+    check_echo(l1_client, 64, 'l', false, false);
+    int64_t l1_acc = lcount(&cfg, "l1", MTP_LSTAT_ACCEPTED);
+    CHECK(lcount(&cfg, "l1", MTP_LSTAT_ACTIVE) == 1);
 
     struct test_gen *g1 = test_gen_new(1, 3);
     set_listener(&g1->cfg.listeners[0], "l0", &SECRET_B, 1, MTP_ALLOW_ALL);
@@ -1309,6 +1402,25 @@ int main(void) {
     check_echo(old_client, 1000, 'o', false, false); /* accepted under generation 0 */
     CHECK(port_refuses(port1));                      /* l1 is gone */
     CHECK(port_refuses(port3));                      /* and l3 */
+
+    /* By listener under generation 1: l0, l2 and the new l9 in its order; l1, removed, while
+     * its client is open (its counts go on); l3, removed without clients, not at all. */
+    {
+      struct mtp_lstats_row *rows = NULL;
+      size_t n = 0;
+      CHECK(mtp_lstats_sum(lstats, &g1->cfg, &rows, &n) == MTP_OK);
+      CHECK(n == 4);
+      CHECK(strcmp(rows[0].name, "l0") == 0 && !rows[0].removed && rows[0].v[MTP_LSTAT_ACTIVE] == 1);
+      CHECK(strcmp(rows[1].name, "l2") == 0 && !rows[1].removed);
+      CHECK(strcmp(rows[2].name, "l9") == 0 && !rows[2].removed && rows[2].v[MTP_LSTAT_ACCEPTED] == 0);
+      CHECK(strcmp(rows[3].name, "l1") == 0 && rows[3].removed && rows[3].v[MTP_LSTAT_ACTIVE] == 1 &&
+            rows[3].v[MTP_LSTAT_ACCEPTED] == l1_acc);
+      mtp_lstats_rows_free(rows, n);
+      CHECK(mtp_lstats_nblocks(lstats) == 5); /* worker: l0, l2, l9, l1 (l3 dropped); worker 2: l5 */
+    }
+    check_echo(l1_client, 100, 'l', false, false);
+    tc_close(l1_client);
+    CHECK(wait_unlisted(&g1->cfg, "l1"));
 
     int64_t bad0 = metric(MTP_M_HS_FAIL_BAD_SECRET);
     struct tc *c = tc_open(port0, SECRET_A, MTP_PROTO_ABRIDGED, 2, 0);
@@ -1329,13 +1441,18 @@ int main(void) {
     pthread_mutex_lock(&ev_mu);
     CHECK(strcmp(last_listener, "l9") == 0);
     pthread_mutex_unlock(&ev_mu);
+    CHECK(lcount(&g1->cfg, "l9", MTP_LSTAT_ACTIVE) == 1);
+    CHECK(lcount(&g1->cfg, "l9", MTP_LSTAT_ACCEPTED) == 1);
+    CHECK(lcount(&g1->cfg, "l9", MTP_LSTAT_HS_ABRIDGED) == 1);
     tc_close(c);
+    CHECK(wait_lstat(&g1->cfg, "l9", MTP_LSTAT_ACTIVE, 0));
 
     uint8_t l2_secret[16];
     memcpy(l2_secret, SECRET_A, 16);
     c = tc_open_tls(port2, l2_secret, "example.com", 0, MTP_FAKETLS_KIND_CLASSIC, MTP_PROTO_PADDED, 2, 0);
     check_echo(c, 64, 't', false, false); /* the kept TLS-only listener */
     tc_close(c);
+    CHECK(wait_lstat(&g1->cfg, "l2", MTP_LSTAT_ACTIVE, 0)); /* so the next reload drops l2's block */
 
     /* Generation 2: back to l0 with SECRET_A and SECRET_X (what the rest of the test uses) and
      * l9 removed. Generation 1 lives on while its client does, then it is freed. */
@@ -1346,6 +1463,11 @@ int main(void) {
     CHECK(reconfigure(worker, &g2->g, NULL) == 1);
     CHECK(port_refuses(port9));
     CHECK(port_refuses(port2));
+    /* l9, l2 and l1 had no clients left: their blocks went with this reload. */
+    CHECK(mtp_lstats_nblocks(lstats) == 2); /* worker: l0; worker 2: l5 */
+    struct mtp_lstats_row lr;
+    CHECK(!lrow(&g2->cfg, "l9", &lr) && !lrow(&g2->cfg, "l1", &lr));
+    CHECK(lrow(&g2->cfg, "l0", &lr) && lr.v[MTP_LSTAT_ACTIVE] == 2); /* old_client, g1_client */
     mtp_front_gen_release(&g1->g); /* the maker's reference */
     CHECK(!gen_is_freed(1));       /* g1_client holds it */
     check_echo(g1_client, 300, 'g', false, false);
@@ -1401,6 +1523,8 @@ int main(void) {
   mtp_front_worker_free(worker);
   mtp_front_worker_free(worker2);
   CHECK(gen_is_freed(2) && gen_is_freed(3)); /* the workers held the last references */
+  CHECK(mtp_lstats_nblocks(lstats) == 0);      /* and their counters */
+  mtp_lstats_free(lstats);
   CHECK(uv_loop_close(&loop) == 0); /* no handle left behind */
   close(rfd9);
   close(rfd0);

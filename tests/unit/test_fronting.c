@@ -810,6 +810,96 @@ static void test_refusals(void) {
   fronting_end();
 }
 
+/* Reload (mtp_fronting_reconfigure): a connection in progress keeps the target and idle
+ * timeout it started with; new ones get the new settings; the own-address list follows (a
+ * listener the reload added is never dialled, and fronting keeps its own copy of the list);
+ * mode off refuses new connections and leaves the running ones alone. */
+static void test_reconfigure(void) {
+  struct target t1, t2, t3;
+  target_start(&t1, T_ECHO, "127.0.0.1");
+  target_start(&t2, T_ECHO, "127.0.0.1");
+  target_start(&t3, T_ECHO, "127.0.0.1");
+  struct sockaddr_storage bound1[1] = {sa("10.11.12.13", 9443)};
+  shared.bound_addrs = bound1;
+  shared.nbound = 1;
+  cfg_host("127.0.0.1", t1.port);
+  cfg.fronting_idle_timeout = 0.3;
+  fronting_new();
+  CHECK(!is_self("127.0.0.1", t2.port));
+  struct client a;
+  front_client(&a, AF_INET, NULL, "a", 1);
+  struct want_bytes wa = {&a, 1};
+  CHECK(check_run_until(&loop, pred_client_has, &wa, WAIT_MS));
+
+  /* The reload: target t3, idle 120 s, and a new listener on t2's address. */
+  struct sockaddr_storage bound2[2] = {sa("10.11.12.13", 9443), t2.addr};
+  shared.bound_addrs = bound2;
+  shared.nbound = 2;
+  cfg_host("127.0.0.1", t3.port);
+  cfg.fronting_idle_timeout = 120;
+  CHECK(mtp_fronting_reconfigure(fr, &cfg, &shared) == MTP_OK);
+  memset(bound2, 0, sizeof(bound2)); /* copied: the caller's array may go */
+  shared.bound_addrs = NULL;
+  shared.nbound = 0;
+  CHECK(is_self("127.0.0.1", t2.port));
+  CHECK(is_self("10.11.12.13", 9443));
+  CHECK(!is_self("127.0.0.1", t1.port));
+
+  /* a keeps t1 and its 0.3 s: it is closed for idleness, long before the new 120 s. */
+  client_write(&a, "b", 1);
+  wa.n = 2;
+  CHECK(check_run_until(&loop, pred_client_has, &wa, WAIT_MS));
+  CHECK(t1.accepted == 1 && t1.last != NULL && t1.last->nread == 2);
+  CHECK(check_run_until(&loop, pred_client_eof, &a, WAIT_MS));
+  client_close(&a);
+  target_stop(&t1);
+
+  /* A new connection goes to t3 with 120 s: still open well after 0.3 s, and echoing. */
+  struct client c;
+  front_client(&c, AF_INET, NULL, "c", 1);
+  struct want_bytes wc = {&c, 1};
+  CHECK(check_run_until(&loop, pred_client_has, &wc, WAIT_MS));
+  CHECK(t3.accepted == 1);
+  CHECK(!check_run_until(&loop, pred_client_eof, &c, 700));
+  client_write(&c, "d", 1);
+  wc.n = 2;
+  CHECK(check_run_until(&loop, pred_client_has, &wc, WAIT_MS));
+
+  /* Fronting to the new listener's address: refused as the proxy itself, never dialled. */
+  cfg_host("127.0.0.1", t2.port);
+  struct sockaddr_storage bound3[2] = {sa("10.11.12.13", 9443), t2.addr};
+  shared.bound_addrs = bound3;
+  shared.nbound = 2;
+  CHECK(mtp_fronting_reconfigure(fr, &cfg, &shared) == MTP_OK);
+  int64_t failed0 = metric(MTP_M_FRONTED_FAILED);
+  struct client b;
+  front_client(&b, AF_INET, NULL, PRE, sizeof(PRE) - 1);
+  CHECK(check_run_until(&loop, pred_client_eof, &b, WAIT_MS));
+  CHECK(metric(MTP_M_FRONTED_FAILED) == failed0 + 1);
+  CHECK(t2.accepted == 0);
+  client_close(&b);
+
+  /* Off: refused at once; c goes on. */
+  cfg.fronting_mode = MTP_FRONTING_OFF;
+  CHECK(mtp_fronting_reconfigure(fr, &cfg, &shared) == MTP_OK);
+  int cfd, sfd;
+  tcp_pair(AF_INET, &cfd, &sfd);
+  CHECK(mtp_fronting_start(fr, sfd, "example.com", NULL, 0, 1, "p", "l0") == MTP_EDISABLED);
+  close(cfd);
+  client_write(&c, "e", 1);
+  wc.n = 3;
+  CHECK(check_run_until(&loop, pred_client_has, &wc, WAIT_MS));
+  CHECK(memcmp(c.head, "cde", 3) == 0);
+  client_close(&c);
+
+  fronting_end();
+  target_stop(&t2);
+  target_stop(&t3);
+  shared.bound_addrs = NULL;
+  shared.nbound = 0;
+  cfg.fronting_idle_timeout = 120;
+}
+
 /* stop() with connections in every phase closes them all; the loop ends clean. */
 static void test_stop(void) {
   struct target t;
@@ -850,6 +940,7 @@ int main(void) {
   test_self_refused();
   test_is_self_rules();
   test_refusals();
+  test_reconfigure();
   test_stop();
 
   /* HOST mode by name: "localhost" (tried address by address) and a bracketed IPv6 literal. */

@@ -7,12 +7,19 @@
  * 2. A real TLS server: `openssl s_server` (RSA key, so every handshake has the same sizes)
  *    on 127.0.0.1 with a port the OS picks. The expected size is measured independently by a
  *    raw blocking client sending its own hello and adding up the 0x17 record payloads.
+ * 3. Reload (mtp_tlsprobe_reconfigure): domains added, removed and kept (learnt sizes kept),
+ *    a probe in flight for a removed domain dropped, a new target, a new interval, a fixed
+ *    size; and a reader thread asking for sizes while the main thread swaps domain tables,
+ *    reclaiming them only after the reader has been through a full call since (run under
+ *    MTP_SANITIZE to see a use after free if tables were freed early).
  * Processes are stopped by PID.
  */
 #include <errno.h>
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <poll.h>
+#include <pthread.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -402,6 +409,171 @@ static void test_stop_early(void) {
   CHECK(metric(MTP_M_TLS_PROBE_OK) == ok0);
 }
 
+/* ---- reload ---- */
+
+/* Ends the prober while several crafted servers are up: they are closed first (probe_end runs
+ * the loop until nothing is left on it). */
+static void stop_two(struct crafted *a, struct crafted *b) {
+  struct mtp_tlsprobe *keep = probe;
+  probe = NULL;
+  crafted_stop(a);
+  probe = keep;
+  crafted_stop(b); /* and probe_end */
+}
+
+static bool random_size(size_t n) { return n >= 2500 && n <= 4600; }
+
+static void test_reconfigure(void) {
+  static const size_t recs[] = {700, 800, 0}; /* 1500 */
+  static const size_t recs2[] = {1000, 0};
+  struct crafted s, s2;
+  crafted_start(&s, S_CLOSE, recs, 1000);
+  cfg.fronting_mode = MTP_FRONTING_HOST;
+  free(cfg.fronting_host);
+  cfg.fronting_host = strdup("127.0.0.1");
+  cfg.fronting_port = s.port;
+  cfg.tls_probe_interval = 3600;
+  int64_t ok0 = metric(MTP_M_TLS_PROBE_OK), fail0 = metric(MTP_M_TLS_PROBE_FAIL);
+
+  /* 1. example.test at setup, removed at once while its probe is still resolving: that probe
+   * is dropped (never counted); other.test, new, is probed at once. */
+  use_domains(1, 0);
+  CHECK(mtp_tlsprobe_setup(&probe, &cfg, &loop) == MTP_OK);
+  use_domains(0, 1);
+  CHECK(mtp_tlsprobe_reconfigure(probe, &cfg) == MTP_OK);
+  struct want_count w = {ok0 + 1, INT64_MAX};
+  CHECK(check_run_until(&loop, pred_probe_counts, &w, WAIT_MS));
+  CHECK(mtp_tlsprobe_learnt(probe, "other.test") == 1500);
+  CHECK(mtp_tlsprobe_learnt(probe, "example.test") == 0);
+  w.ok = ok0 + 2;
+  CHECK(!check_run_until(&loop, pred_probe_counts, &w, 500)); /* the dropped probe counts nothing */
+  CHECK(metric(MTP_M_TLS_PROBE_FAIL) == fail0);
+  CHECK(mtp_tlsprobe_nretired(probe) == 1);
+  mtp_tlsprobe_reclaim(probe);
+  CHECK(mtp_tlsprobe_nretired(probe) == 0);
+
+  /* 2. example.test added: probed at once; other.test keeps its size and is not probed again. */
+  use_domains(1, 1);
+  int nconns = s.nconns;
+  CHECK(mtp_tlsprobe_reconfigure(probe, &cfg) == MTP_OK);
+  CHECK(mtp_tlsprobe_learnt(probe, "other.test") == 1500);
+  CHECK(mtp_tlsprobe_flight_size(probe, "other.test") == 1500);
+  CHECK(random_size(mtp_tlsprobe_flight_size(probe, "example.test")));
+  w.ok = ok0 + 2;
+  CHECK(check_run_until(&loop, pred_probe_counts, &w, WAIT_MS));
+  CHECK(mtp_tlsprobe_learnt(probe, "example.test") == 1500);
+  w.ok = ok0 + 3;
+  CHECK(!check_run_until(&loop, pred_probe_counts, &w, 500));
+  CHECK(s.nconns == nconns + 1);
+
+  /* 3. other.test removed: forgotten. */
+  use_domains(1, 0);
+  CHECK(mtp_tlsprobe_reconfigure(probe, &cfg) == MTP_OK);
+  CHECK(mtp_tlsprobe_learnt(probe, "other.test") == 0);
+  CHECK(random_size(mtp_tlsprobe_flight_size(probe, "other.test")));
+  CHECK(mtp_tlsprobe_learnt(probe, "example.test") == 1500);
+  CHECK(mtp_tlsprobe_nretired(probe) == 2);
+
+  /* 4. A new target: the old size is served until the new one is learnt, at once. */
+  crafted_start(&s2, S_CLOSE, recs2, 1000);
+  cfg.fronting_port = s2.port;
+  CHECK(mtp_tlsprobe_reconfigure(probe, &cfg) == MTP_OK);
+  CHECK(mtp_tlsprobe_flight_size(probe, "example.test") == 1500);
+  w.ok = ok0 + 3;
+  CHECK(check_run_until(&loop, pred_probe_counts, &w, WAIT_MS));
+  CHECK(mtp_tlsprobe_learnt(probe, "example.test") == 1000);
+  CHECK(s2.nconns == 1);
+
+  /* 5. A shorter interval: probes repeat. */
+  cfg.tls_probe_interval = 0.2;
+  CHECK(mtp_tlsprobe_reconfigure(probe, &cfg) == MTP_OK);
+  w.ok = ok0 + 5;
+  CHECK(check_run_until(&loop, pred_probe_counts, &w, WAIT_MS));
+  CHECK(s2.nconns >= 3);
+
+  /* 6. A fixed size: served for every domain, and no more probes. */
+  cfg.tls_flight_size = 2222;
+  CHECK(mtp_tlsprobe_reconfigure(probe, &cfg) == MTP_OK);
+  CHECK(mtp_tlsprobe_flight_size(probe, "example.test") == 2222);
+  CHECK(mtp_tlsprobe_flight_size(probe, "unknown.test") == 2222);
+  int64_t ok1 = metric(MTP_M_TLS_PROBE_OK);
+  w.ok = ok1 + 1;
+  CHECK(!check_run_until(&loop, pred_probe_counts, &w, 700)); /* the 0.2 s timer is stopped */
+  /* 7. Learning again (fronting back on a learnt size): probes resume. */
+  cfg.tls_flight_size = 0;
+  CHECK(mtp_tlsprobe_reconfigure(probe, &cfg) == MTP_OK);
+  CHECK(mtp_tlsprobe_flight_size(probe, "example.test") == 1000);
+  w.ok = ok1 + 1;
+  CHECK(check_run_until(&loop, pred_probe_counts, &w, WAIT_MS));
+  mtp_tlsprobe_reclaim(probe);
+  CHECK(mtp_tlsprobe_nretired(probe) == 0);
+  CHECK(metric(MTP_M_TLS_PROBE_FAIL) == fail0);
+
+  cfg.tls_probe_interval = 3600;
+  use_domains(1, 2);
+  stop_two(&s, &s2);
+}
+
+/* The reader: flight sizes and learnt sizes, as workers ask for them, until told to stop. */
+static atomic_int reader_stop;
+static atomic_long reader_passes;
+static atomic_int reader_bad;
+
+static void *reader_main(void *arg) {
+  (void)arg;
+  while (!atomic_load(&reader_stop)) {
+    size_t n = mtp_tlsprobe_flight_size(probe, "other.test");
+    if (n != 1111 && n != 2222)
+      atomic_fetch_add(&reader_bad, 1);
+    if (mtp_tlsprobe_learnt(probe, "example.test") != 0 || mtp_tlsprobe_learnt(probe, "zzz.test") != 0)
+      atomic_fetch_add(&reader_bad, 1);
+    atomic_fetch_add(&reader_passes, 1);
+  }
+  return NULL;
+}
+
+/* Waits (bounded) until the reader has started and finished a whole pass after now. */
+static bool reader_quiesced(void) {
+  long p0 = atomic_load(&reader_passes);
+  struct timespec t0, t1;
+  clock_gettime(CLOCK_MONOTONIC, &t0);
+  while (atomic_load(&reader_passes) < p0 + 2) {
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    if ((t1.tv_sec - t0.tv_sec) * 1000 + (t1.tv_nsec - t0.tv_nsec) / 1000000 > WAIT_MS)
+      return false;
+    sched_yield();
+  }
+  return true;
+}
+
+static void test_reconfigure_concurrent(void) {
+  cfg.fronting_mode = MTP_FRONTING_OFF; /* no probes: only the tables matter here */
+  cfg.tls_flight_size = 1111;
+  use_domains(1, 2);
+  CHECK(mtp_tlsprobe_setup(&probe, &cfg, &loop) == MTP_OK);
+  atomic_store(&reader_stop, 0);
+  pthread_t th;
+  CHECK(pthread_create(&th, NULL, reader_main, NULL) == 0);
+  for (int i = 0; i < 2000; i++) {
+    cfg.tls_flight_size = i % 2 ? 1111 : 2222;
+    if (i % 3 == 0)
+      use_domains(0, 1);
+    else
+      use_domains(1, 2);
+    CHECK(mtp_tlsprobe_reconfigure(probe, &cfg) == MTP_OK);
+    if (i % 4 == 3) { /* a few retired tables at a time */
+      CHECK(reader_quiesced());
+      mtp_tlsprobe_reclaim(probe);
+    }
+  }
+  atomic_store(&reader_stop, 1);
+  CHECK(pthread_join(th, NULL) == 0);
+  CHECK(atomic_load(&reader_bad) == 0);
+  CHECK(atomic_load(&reader_passes) > 0);
+  cfg.tls_flight_size = 0;
+  probe_end();
+}
+
 /* ---- a real TLS 1.3 server: openssl s_server ---- */
 
 static pid_t ossl_pid = -1;
@@ -564,6 +736,8 @@ int main(void) {
   test_domains_and_interval();
   test_no_probes();
   test_stop_early();
+  test_reconfigure();
+  test_reconfigure_concurrent();
   test_openssl();
 
   free(cfg.fronting_host);
