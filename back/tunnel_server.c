@@ -21,8 +21,8 @@
 #include "tunnel_server.h"
 
 #include <arpa/inet.h>
-#include <errno.h>
 #include <netinet/in.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -33,6 +33,7 @@
 #include "err.h"
 #include "log.h"
 #include "metrics.h"
+#include "sock.h"
 #include "tunnel_conn.h"
 
 #include "banned.h"
@@ -40,43 +41,30 @@
 _Static_assert(MTP_TUNNEL_CLOSE_BACKPRESSURE == MTP_LINK_CLOSE_BACKPRESSURE,
                "the tunnel's backpressure close reason is the link's");
 
-#define DEFAULT_WINDOW ((1u << 20) + (64u << 10))
 #define BACKLOG 1024
-
-struct bpend {
-  struct bpend *next; /* owns */
-  size_t len;
-  uint8_t data[];
-};
 
 struct bfront;
 
 struct bstream {
-  uint64_t id;
+  /* On f->conn while attached: id, the front's credit and the answers waiting for it, and
+   * st.unacked: the bytes received from the front and not yet credited. */
+  struct mtp_tunnel_stream st;
   struct bfront *f;                /* borrows; NULL once detached */
-  struct bstream *next, **pprev;   /* in f->streams */
-  struct bstream *dnext, **dpprev; /* in f->dirty: credit to give back */
   void *ls;                        /* the local link's stream; invalid once gone */
-  int64_t credit;                  /* Data bytes we may still send to the front */
-  int64_t window;                  /* the front's window */
-  struct bpend *pend_head;         /* owns: answers waiting for credit */
-  struct bpend **pend_tail;
-  size_t pend_bytes;
-  uint64_t recv_out;               /* bytes received from the front, not yet credited */
-  uint64_t grant;                  /* of those, taken by the link: to credit */
-  uint64_t held;                   /* of those, taken with MTP_LINK_FULL: credited on on_writable */
+  uint64_t held;                   /* received bytes the link took with MTP_LINK_FULL: credited on on_writable */
   bool gone;                       /* the local stream is released: no more link calls */
   int busy;                        /* calls into the local link on the stack */
 };
 
+static struct bstream *bstream_of(struct mtp_tunnel_stream *st) {
+  return (struct bstream *)((char *)st - offsetof(struct bstream, st));
+}
+
 struct bfront {
   struct mtp_tunnel_server *srv;  /* borrows */
-  struct mtp_tunnel_conn *conn;   /* borrows (frees itself) */
+  struct mtp_tunnel_conn *conn;   /* borrows (frees itself); lists the front's streams */
   struct bfront *next, **pprev;   /* in srv->fronts */
   struct mtp_connmap map;         /* stream id -> bstream */
-  struct bstream *streams;
-  size_t nstreams;
-  struct bstream *dirty;
   bool up;
 };
 
@@ -91,76 +79,27 @@ struct mtp_tunnel_server {
   struct sockaddr_storage addr; /* where we listen */
   struct bfront *fronts;
   int nup;
-  uint64_t window;
-  uint64_t heartbeat_ms, timeout_ms;
-  char node[64];
+  struct mtp_tunnel_params p; /* window, heartbeat, timeout, node */
   unsigned long long next_log_id;
   bool stopping;
 };
 
-static uint64_t seconds_to_ms(double s, uint64_t dflt) {
-  if (!(s > 0))
-    return dflt;
-  double ms = s * 1000.0 + 0.5;
-  if (ms < 1)
-    return 1;
-  if (ms > 1e12)
-    return (uint64_t)1e12;
-  return (uint64_t)ms;
-}
-
 /* ---- streams ---- */
 
-static void dirty_add(struct bstream *s) {
-  if (s->dpprev != NULL || s->f == NULL)
-    return;
-  struct bfront *f = s->f;
-  s->dnext = f->dirty;
-  if (f->dirty != NULL)
-    f->dirty->dpprev = &s->dnext;
-  s->dpprev = &f->dirty;
-  f->dirty = s;
-  mtp_tunnel_conn_want_flush(f->conn);
-}
-
-static void dirty_del(struct bstream *s) {
-  if (s->dpprev == NULL)
-    return;
-  *s->dpprev = s->dnext;
-  if (s->dnext != NULL)
-    s->dnext->dpprev = s->dpprev;
-  s->dnext = NULL;
-  s->dpprev = NULL;
-}
-
-/* Takes s out of its front (map and lists). */
+/* Takes s out of its front (map and connection). */
 static void stream_detach(struct bstream *s) {
   struct bfront *f = s->f;
   if (f == NULL)
     return;
-  dirty_del(s);
-  if (mtp_connmap_get(&f->map, s->id) == s)
-    mtp_connmap_del(&f->map, s->id);
-  if (s->pprev != NULL) {
-    *s->pprev = s->next;
-    if (s->next != NULL)
-      s->next->pprev = s->pprev;
-    f->nstreams--;
-  }
-  s->next = NULL;
-  s->pprev = NULL;
+  if (mtp_connmap_get(&f->map, s->st.id) == s)
+    mtp_connmap_del(&f->map, s->st.id);
+  mtp_tunnel_stream_detach(&s->st);
   s->f = NULL;
 }
 
 static void stream_free(struct bstream *s) {
   stream_detach(s);
-  struct bpend *p = s->pend_head;
-  while (p != NULL) {
-    struct bpend *n = p->next;
-    mtp_free(p);
-    p = n;
-  }
-  mtp_metric_add(MTP_M_TUNNEL_STREAMS, -1);
+  mtp_tunnel_stream_free(&s->st);
   mtp_free(s);
 }
 
@@ -179,7 +118,7 @@ static void stream_end(struct mtp_tunnel_server *srv, struct bstream *s, uint32_
   }
   s->gone = true;
   if (s->f != NULL && reason != MTP_TUNNEL_NO_REASON)
-    mtp_tunnel_conn_send_close(s->f->conn, s->id, reason);
+    mtp_tunnel_conn_send_close(s->f->conn, s->st.id, reason);
   srv->link->close(srv->link, s->ls);
   s->ls = NULL;
   stream_release(s);
@@ -196,27 +135,6 @@ static bool call_done(struct bstream *s) {
   return false;
 }
 
-static bool credit_allows(const struct bstream *s, size_t len) {
-  return s->credit >= (int64_t)len || s->credit >= s->window;
-}
-
-/* Sends what the front's credit allows from s's queue. */
-static void stream_drain(struct bstream *s) {
-  if (s->f == NULL)
-    return;
-  while (s->pend_head != NULL && credit_allows(s, s->pend_head->len)) {
-    struct bpend *p = s->pend_head;
-    if (mtp_tunnel_conn_send_data(s->f->conn, s->id, p->data, p->len, false) != MTP_OK)
-      return;
-    s->credit -= (int64_t)p->len;
-    s->pend_head = p->next;
-    if (s->pend_head == NULL)
-      s->pend_tail = &s->pend_head;
-    s->pend_bytes -= p->len;
-    mtp_free(p);
-  }
-}
-
 /* ---- the local link's ops: Telegram -> front ---- */
 
 static void ls_on_packet(void *front, const uint8_t *data, size_t len) {
@@ -224,36 +142,23 @@ static void ls_on_packet(void *front, const uint8_t *data, size_t len) {
   if (s->gone || s->f == NULL)
     return;
   struct mtp_tunnel_server *srv = s->f->srv;
-  if (s->pend_head == NULL && credit_allows(s, len)) {
-    if (mtp_tunnel_conn_send_data(s->f->conn, s->id, data, len, false) == MTP_OK)
-      s->credit -= (int64_t)len;
-    return; /* else the connection is closing and will end the stream */
-  }
-  if (s->pend_bytes + len > srv->window + MTP_TUNNEL_MAX_FRAME) {
+  /* Sent, or queued for the front's credit: at most a window and one maximal frame. */
+  int rc = mtp_tunnel_stream_write(&s->st, data, len, false, srv->p.window + MTP_TUNNEL_MAX_FRAME);
+  if (rc == MTP_EBACKPRESSURE) {
     mtp_logc(mtp_tunnel_conn_log(s->f->conn), MTP_LOG_INFO,
              "stream %llx: the front granted no credit for %zu bytes; closing it (backpressure)",
-             (unsigned long long)s->id, s->pend_bytes + len);
+             (unsigned long long)s->st.id, mtp_tunnel_stream_queued(&s->st) + len);
     stream_end(srv, s, MTP_TUNNEL_CLOSE_BACKPRESSURE);
-    return;
-  }
-  struct bpend *p = mtp_malloc(sizeof(*p) + len);
-  if (p == NULL) {
+  } else if (rc == MTP_ENOMEM) {
     stream_end(srv, s, MTP_LINK_CLOSE_UPSTREAM);
-    return;
-  }
-  p->next = NULL;
-  p->len = len;
-  memcpy(p->data, data, len);
-  *s->pend_tail = p;
-  s->pend_tail = &p->next;
-  s->pend_bytes += len;
+  } /* else MTP_OK, or the connection is closing and will end the stream */
 }
 
 static void ls_on_quickack(void *front, uint32_t token) {
   struct bstream *s = front;
   if (s->gone || s->f == NULL)
     return;
-  mtp_tunnel_conn_send_quickack(s->f->conn, s->id, token);
+  mtp_tunnel_conn_send_quickack(s->f->conn, s->st.id, token);
 }
 
 static void ls_on_close(void *front, int reason) {
@@ -263,7 +168,7 @@ static void ls_on_close(void *front, int reason) {
   s->gone = true;
   s->ls = NULL;
   if (s->f != NULL)
-    mtp_tunnel_conn_send_close(s->f->conn, s->id, (uint32_t)reason);
+    mtp_tunnel_conn_send_close(s->f->conn, s->st.id, (uint32_t)reason);
   stream_release(s);
 }
 
@@ -271,9 +176,9 @@ static void ls_on_writable(void *front) {
   struct bstream *s = front;
   if (s->gone || s->f == NULL || s->held == 0)
     return;
-  s->grant += s->held;
+  uint64_t n = s->held;
   s->held = 0;
-  dirty_add(s);
+  mtp_tunnel_stream_grant(&s->st, n);
 }
 
 static const struct mtp_link_front_ops LS_OPS = {
@@ -330,19 +235,9 @@ static void on_open_frame(struct bfront *f, const Mtp__Open *o) {
     mtp_tunnel_conn_send_close(f->conn, o->stream, MTP_LINK_CLOSE_UPSTREAM);
     return;
   }
-  s->id = o->stream;
+  s->st.id = o->stream;
   s->f = f;
-  s->pend_tail = &s->pend_head;
-  uint64_t w = mtp_tunnel_conn_peer_window(f->conn);
-  s->window = (int64_t)(w > (uint64_t)INT64_MAX / 2 ? (uint64_t)INT64_MAX / 2 : w);
-  s->credit = s->window;
-  s->next = f->streams;
-  if (f->streams != NULL)
-    f->streams->pprev = &s->next;
-  s->pprev = &f->streams;
-  f->streams = s;
-  f->nstreams++;
-  mtp_metric_add(MTP_M_TUNNEL_STREAMS, 1);
+  mtp_tunnel_stream_attach(&s->st, f->conn);
 
   struct mtp_link_open req;
   memset(&req, 0, sizeof(req));
@@ -372,26 +267,25 @@ static void on_open_frame(struct bfront *f, const Mtp__Open *o) {
 static void on_data_frame(struct bfront *f, struct bstream *s, const Mtp__Data *d) {
   struct mtp_tunnel_server *srv = f->srv;
   size_t len = d->packet.len;
-  if (s->recv_out > 0 && s->recv_out + len > srv->window) {
+  if (s->st.unacked > 0 && s->st.unacked + len > srv->p.window) {
     mtp_logc(mtp_tunnel_conn_log(f->conn), MTP_LOG_WARN,
-             "stream %llx: the front sent %llu bytes beyond its credit; stream closed", (unsigned long long)s->id,
-             (unsigned long long)(s->recv_out + len - srv->window));
+             "stream %llx: the front sent %llu bytes beyond its credit; stream closed", (unsigned long long)s->st.id,
+             (unsigned long long)(s->st.unacked + len - srv->p.window));
     stream_end(srv, s, MTP_LINK_CLOSE_UPSTREAM);
     return;
   }
-  s->recv_out += len;
+  s->st.unacked += len;
   s->busy++;
   int rc = srv->link->send(srv->link, s->ls, d->packet.data, len, d->quickack);
   if (call_done(s))
     return;
   if (rc == MTP_OK) {
-    s->grant += len;
-    dirty_add(s);
+    mtp_tunnel_stream_grant(&s->st, len);
   } else if (rc == MTP_LINK_FULL) {
     s->held += len;
   } else {
     mtp_debugc(mtp_tunnel_conn_log(f->conn), "stream %llx: the link refused a packet: %s",
-               (unsigned long long)s->id, mtp_strerror(rc));
+               (unsigned long long)s->st.id, mtp_strerror(rc));
     stream_end(srv, s, MTP_LINK_CLOSE_UPSTREAM);
   }
 }
@@ -425,30 +319,11 @@ static void on_conn_frame(struct mtp_tunnel_conn *c, const Mtp__Frame *fr) {
   case MTP__FRAME__MSG_CLOSE:
     stream_end(srv, s, MTP_TUNNEL_NO_REASON);
     break;
-  case MTP__FRAME__MSG_CREDIT: {
-    uint64_t n = fr->credit->bytes;
-    if (n > (uint64_t)INT64_MAX / 4)
-      n = (uint64_t)INT64_MAX / 4;
-    if (s->credit < INT64_MAX / 2)
-      s->credit += (int64_t)n;
-    stream_drain(s);
+  case MTP__FRAME__MSG_CREDIT:
+    mtp_tunnel_stream_credit(&s->st, fr->credit->bytes);
     break;
-  }
   default:
     break;
-  }
-}
-
-static void on_conn_flush(struct mtp_tunnel_conn *c) {
-  struct bfront *f = mtp_tunnel_conn_data(c);
-  struct bstream *s;
-  while ((s = f->dirty) != NULL) {
-    dirty_del(s);
-    if (s->grant > 0 && !s->gone) {
-      mtp_tunnel_conn_send_credit(c, s->id, s->grant);
-      s->recv_out -= s->grant;
-      s->grant = 0;
-    }
   }
 }
 
@@ -461,10 +336,10 @@ static void on_conn_up(struct mtp_tunnel_conn *c) {
 static void on_conn_close(struct mtp_tunnel_conn *c, int err, const char *why) {
   struct bfront *f = mtp_tunnel_conn_data(c);
   struct mtp_tunnel_server *srv = f->srv;
-  size_t n = f->nstreams;
-  struct bstream *s;
-  while ((s = f->streams) != NULL)
-    stream_end(srv, s, MTP_TUNNEL_NO_REASON);
+  size_t n = mtp_tunnel_conn_nstreams(c);
+  struct mtp_tunnel_stream *st;
+  while ((st = mtp_tunnel_conn_streams(c)) != NULL)
+    stream_end(srv, bstream_of(st), MTP_TUNNEL_NO_REASON);
   const struct mtp_log_ctx *log = mtp_tunnel_conn_log(c);
   const char *cn = mtp_tunnel_conn_peer_cn(c);
   if (f->up) {
@@ -484,7 +359,6 @@ static void on_conn_close(struct mtp_tunnel_conn *c, int err, const char *why) {
 static const struct mtp_tunnel_conn_ops CONN_OPS = {
     .on_up = on_conn_up,
     .on_frame = on_conn_frame,
-    .on_flush = on_conn_flush,
     .on_close = on_conn_close,
 };
 
@@ -508,10 +382,10 @@ static void on_connection(uv_stream_t *server, int status) {
   struct mtp_tunnel_conn_opts o = {
       .ops = &CONN_OPS,
       .data = f,
-      .node = srv->node,
-      .window = srv->window,
-      .heartbeat_ms = srv->heartbeat_ms,
-      .timeout_ms = srv->timeout_ms,
+      .node = srv->p.node,
+      .window = srv->p.window,
+      .heartbeat_ms = srv->p.heartbeat_ms,
+      .timeout_ms = srv->p.timeout_ms,
       .allowed = srv->cfg->tunnel_allowed_fronts,
       .nallowed = srv->cfg->ntunnel_allowed_fronts,
       .log_id = srv->next_log_id++,
@@ -527,46 +401,6 @@ static void on_connection(uv_stream_t *server, int status) {
     srv->fronts->pprev = &f->next;
   f->pprev = &srv->fronts;
   srv->fronts = f;
-}
-
-static socklen_t addr_len(const struct sockaddr_storage *a) {
-  return a->ss_family == AF_INET6 ? sizeof(struct sockaddr_in6) : sizeof(struct sockaddr_in);
-}
-
-/* A listening socket on addr with SO_REUSEPORT (one per worker on the same address). */
-static int listen_socket(const struct sockaddr_storage *addr, int *fd_out, char *err, size_t errlen) {
-  char where[80];
-  mtp_format_addr(addr, where, sizeof(where));
-  const char *step = "socket";
-  int one = 1;
-  int fd = socket(addr->ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-  if (fd < 0)
-    goto fail;
-  step = "SO_REUSEADDR";
-  if (setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)) != 0)
-    goto fail;
-  step = "SO_REUSEPORT";
-  if (setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one)) != 0)
-    goto fail;
-  if (addr->ss_family == AF_INET6) {
-    step = "IPV6_V6ONLY";
-    if (setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one)) != 0)
-      goto fail;
-  }
-  step = "bind";
-  if (bind(fd, (const struct sockaddr *)addr, addr_len(addr)) != 0)
-    goto fail;
-  step = "listen";
-  if (listen(fd, BACKLOG) != 0)
-    goto fail;
-  *fd_out = fd;
-  return MTP_OK;
-fail:;
-  int e = -errno;
-  snprintf(err, errlen, "tunnel_listen %s: %s: %s", where, step, uv_strerror(e));
-  if (fd >= 0)
-    close(fd);
-  return e;
 }
 
 static void on_failed_listener_closed(uv_handle_t *h) {
@@ -597,33 +431,16 @@ int mtp_tunnel_server_setup(struct mtp_tunnel_server **out, const struct mtp_con
   srv->loop = loop;
   srv->index = index;
   srv->link = link;
-  srv->window = cfg->tunnel_window > 0 ? cfg->tunnel_window : DEFAULT_WINDOW;
-  srv->heartbeat_ms = seconds_to_ms(cfg->tunnel_heartbeat, 5000);
-  srv->timeout_ms = seconds_to_ms(cfg->tunnel_timeout, 20000);
   srv->next_log_id = (unsigned long long)index * 100000ull + 80000ull;
-  if (cfg->node_name != NULL && cfg->node_name[0] != '\0') {
-    snprintf(srv->node, sizeof(srv->node), "%s", cfg->node_name);
-  } else if (gethostname(srv->node, sizeof(srv->node) - 1) != 0) {
-    snprintf(srv->node, sizeof(srv->node), "back");
-  }
-  srv->node[sizeof(srv->node) - 1] = '\0';
-  struct mtp_tls_conf_opts to = {
-      .role = MTP_TLS_SERVER,
-      .cert = cfg->tunnel_cert,
-      .key = cfg->tunnel_key,
-      .ca = cfg->tunnel_ca,
-      .cert_opt = "tunnel_cert",
-      .key_opt = "tunnel_key",
-      .ca_opt = "tunnel_ca",
-      .handshake_timeout_ms = srv->timeout_ms,
-  };
-  int rc = mtp_tls_conf_setup(&srv->tls, &to, err, errlen);
+  mtp_tunnel_params_init(&srv->p, cfg, "back");
+  int rc = mtp_tunnel_tls_setup(&srv->tls, cfg, MTP_TLS_SERVER, NULL, srv->p.timeout_ms, err, errlen);
   if (rc != MTP_OK) {
     mtp_free(srv);
     return rc;
   }
   int fd = -1;
-  rc = listen_socket(&addr, &fd, err, errlen);
+  /* One SO_REUSEPORT socket per worker on the same address. */
+  rc = mtp_sock_listen(&addr, BACKLOG, &fd, "tunnel_listen", err, errlen);
   if (rc != MTP_OK) {
     mtp_tls_conf_free(srv->tls);
     mtp_free(srv);
@@ -668,9 +485,9 @@ void mtp_tunnel_server_stop(struct mtp_tunnel_server *s) {
     s->listening = false;
   }
   for (struct bfront *f = s->fronts; f != NULL; f = f->next) {
-    struct bstream *st;
-    while ((st = f->streams) != NULL)
-      stream_end(s, st, MTP_TUNNEL_NO_REASON);
+    struct mtp_tunnel_stream *st;
+    while ((st = mtp_tunnel_conn_streams(f->conn)) != NULL)
+      stream_end(s, bstream_of(st), MTP_TUNNEL_NO_REASON);
     mtp_tunnel_conn_close(f->conn, MTP_OK, MTP_LINK_CLOSE_SHUTDOWN, "the back is stopping");
   }
 }

@@ -709,6 +709,8 @@ bool mtp_app_is_stopping(const struct mtp_app *app) { return app->stopping; }
 bool mtp_app_is_draining(const struct mtp_app *app) { return app->draining; }
 
 void mtp_app_stop(struct mtp_app *app) {
+  if (app == NULL)
+    return;
   for (int i = 0; i < app->nworkers; i++) {
     struct worker *w = &app->workers[i];
     if (w->started && w->setup_rc == 0)

@@ -117,7 +117,7 @@ bool mtp_app_is_stopping(const struct mtp_app *app);
 /* True while a SIGTERM drain is going on. */
 bool mtp_app_is_draining(const struct mtp_app *app);
 /* Stops the workers (joins their threads), the drain, the admin endpoint and the signal
- * handlers. */
+ * handlers. NULL-safe. */
 void mtp_app_stop(struct mtp_app *app);
 /* Frees; after the main loop ended. NULL-safe. */
 void mtp_app_free(struct mtp_app *app);

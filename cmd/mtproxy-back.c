@@ -9,11 +9,9 @@
  *   mtproxy-back certs issue DIR NAME  a front's key and certificate, signed by DIR's CA
  *   mtproxy-back [OPTIONS]             run (--tunnel-listen, --tunnel-cert/-key/-ca, ...)
  */
-#include <errno.h>
 #include <signal.h>
 #include <stdio.h>
 #include <string.h>
-#include <unistd.h>
 
 #include "admin.h"
 #include "alloc.h"
@@ -23,6 +21,7 @@
 #include "config.h"
 #include "err.h"
 #include "log.h"
+#include "main_common.h"
 #include "metrics.h"
 #include "tunnel_server.h"
 #include "banned.h"
@@ -131,6 +130,7 @@ static void admin_status(void *ctx, cJSON *st) {
 /* /metrics: the back's per-DC and Telegram config families. */
 static char *admin_metrics(void *ctx) { return mtp_back_metrics_text(((struct back_ctx *)ctx)->back); }
 
+/* Signals, and a failed startup (app may be NULL then). */
 static void on_stop(struct mtp_app *app) {
   mtp_app_stop(app);
   mtp_back_stop(g_ctx.back);
@@ -145,49 +145,24 @@ static const char *check_tunnel_conf(const struct mtp_config *cfg, char *err, si
     snprintf(err, errlen, "--tunnel-listen: '%.80s' is not ADDR:PORT (e.g. 0.0.0.0:8443)", cfg->tunnel_listen);
     return err;
   }
-  const struct {
-    const char *flag;
-    const char *path;
-  } files[] = {{"--tunnel-cert", cfg->tunnel_cert}, {"--tunnel-key", cfg->tunnel_key}, {"--tunnel-ca", cfg->tunnel_ca}};
-  for (size_t i = 0; i < sizeof(files) / sizeof(files[0]); i++) {
-    if (files[i].path == NULL) {
-      snprintf(err, errlen, "%s FILE is required (made by 'mtproxy-back certs init DIR')", files[i].flag);
-      return err;
-    }
-    if (access(files[i].path, R_OK) != 0) {
-      snprintf(err, errlen, "%s: cannot read '%.200s': %s", files[i].flag, files[i].path, strerror(errno));
-      return err;
-    }
-  }
-  return NULL;
+  return mtp_main_check_tunnel_files(cfg, "'mtproxy-back certs init DIR'", err, errlen);
 }
+
+static const struct mtp_main_opts k_main = {
+    .prog = "mtproxy-back",
+    .config_flags = MTP_CONFIG_NO_CLIENTS,
+    .usage_head = k_usage,
+    .check = check_tunnel_conf,
+};
 
 int main(int argc, char **argv) {
   signal(SIGPIPE, SIG_IGN);
   if (argc >= 2 && strcmp(argv[1], "certs") == 0)
     return certs_main(argc - 2, argv + 2);
-
   struct mtp_config cfg;
-  char err[512];
-  bool help = false;
-  if (mtp_config_load_flags(argc - 1, argv + 1, MTP_CONFIG_NO_CLIENTS, &cfg, &help, err, sizeof(err)) != MTP_OK) {
-    fprintf(stderr, "mtproxy-back: %s\n", err);
-    return 2;
-  }
-  if (help) {
-    fputs(k_usage, stdout);
-    fputs(mtp_config_usage, stdout);
-    return 0;
-  }
-  const char *bad = check_tunnel_conf(&cfg, err, sizeof(err));
-  if (bad != NULL) {
-    fprintf(stderr, "mtproxy-back: %s\n", bad);
-    mtp_config_free(&cfg);
-    return 2;
-  }
-  mtp_log_level = cfg.log_level;
-  if (cfg.log_debug != NULL && mtp_log_set_debug_modules(cfg.log_debug) != MTP_OK)
-    mtp_log(MTP_LOG_WARN, "log_debug '%s': bad module list; ignored", cfg.log_debug);
+  int status;
+  if (!mtp_main_start(&k_main, argc, argv, &cfg, NULL, &status))
+    return status;
 
   /* The back serves no clients itself: its view of the config has no listeners (they stay
    * owned by cfg and are freed with it). */
@@ -200,10 +175,7 @@ int main(int argc, char **argv) {
   g_ctx.cfg = &back_cfg;
 
   struct mtp_app *app = NULL;
-  int rc = mtp_app_setup(&app, &back_cfg);
-  /* Signals first: a SIGTERM that arrives while we start must stop us cleanly, not kill us. */
-  if (rc == MTP_OK)
-    rc = mtp_app_handle_signals(app, on_stop);
+  int rc = mtp_main_app_setup(&app, &back_cfg, on_stop);
   if (rc == MTP_OK) {
     struct sockaddr_storage want;
     mtp_parse_addr_port(back_cfg.tunnel_listen, &want); /* checked above */
@@ -229,18 +201,8 @@ int main(int argc, char **argv) {
       mtp_log(MTP_LOG_INFO, "tunnel listening on %s", s);
     }
   }
-  if (rc != MTP_OK) {
-    mtp_log(MTP_LOG_ERROR, "startup failed: %s", mtp_strerror(rc));
-    if (app != NULL)
-      mtp_app_stop(app);
-    if (g_ctx.back != NULL)
-      mtp_back_stop(g_ctx.back);
-  }
-  uv_run(uv_default_loop(), UV_RUN_DEFAULT);
+  mtp_main_run(app, rc, on_stop);
   mtp_back_free(g_ctx.back);
   mtp_app_free(app);
-  uv_loop_close(uv_default_loop());
-  mtp_config_free(&cfg);
-  mtp_log(MTP_LOG_INFO, "stopped");
-  return rc == MTP_OK ? 0 : 1;
+  return mtp_main_exit(&cfg, rc);
 }

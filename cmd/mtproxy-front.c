@@ -117,16 +117,8 @@ int main(int argc, char **argv) {
     mtp_log(MTP_LOG_INFO, "back is %s", cfg.back);
   }
   mtp_front_role_init(&g_role, &k_tunnel_link, NULL, &g_svc);
-  if (rc == MTP_OK && !mtp_app_is_stopping(app)) {
-    rc = mtp_app_start_workers(app, &g_role.role);
-    if (rc == MTP_OK)
-      mtp_app_print_links(app);
-  }
   struct mtp_reload *reload = NULL;
-  if (rc == MTP_OK && !mtp_app_is_stopping(app)) {
-    struct mtp_reload_opts ro = {.app = app, .cfg = &cfg, .policy = g_svc.policy, .front_of = mtp_front_role_front, .frontsvc = &g_svc};
-    rc = mtp_reload_setup(&reload, &ro);
-  }
+  rc = mtp_front_role_start(&g_role, app, &cfg, rc, &reload);
   mtp_main_run(app, rc, on_stop);
   mtp_app_free(app);
   mtp_reload_free(reload); /* the workers are gone: frees the configuration now in force */

@@ -6,8 +6,10 @@
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "alloc.h"
+#include "config.h"
 #include "err.h"
 #include "link.h"
 #include "metrics.h"
@@ -37,10 +39,62 @@ struct mtp_tunnel_conn {
   uint64_t ping_id;
   bool was_up;
   bool clean;                            /* the close is not a failure */
-  bool flush_wanted;
   uv_loop_t *loop;
   struct mtp_log_ctx log;
+  struct mtp_tunnel_stream *streams; /* borrows: the owner's streams on this connection */
+  size_t nstreams;
+  struct mtp_tunnel_stream *grants;  /* borrows: streams with credit to give back */
 };
+
+/* A Data packet waiting for the peer's credit. */
+struct mtp_tunnel_pend {
+  struct mtp_tunnel_pend *next; /* owns */
+  size_t len;
+  bool quickack;
+  uint8_t data[];
+};
+
+/* ---- configuration ---- */
+
+static uint64_t seconds_to_ms(double s, uint64_t dflt) {
+  if (!(s > 0))
+    return dflt;
+  double ms = s * 1000.0 + 0.5;
+  if (ms < 1)
+    return 1;
+  if (ms > 1e12)
+    return (uint64_t)1e12;
+  return (uint64_t)ms;
+}
+
+void mtp_tunnel_params_init(struct mtp_tunnel_params *p, const struct mtp_config *cfg, const char *dflt_node) {
+  memset(p, 0, sizeof(*p));
+  p->window = cfg->tunnel_window > 0 ? cfg->tunnel_window : MTP_TUNNEL_DEFAULT_WINDOW;
+  p->heartbeat_ms = seconds_to_ms(cfg->tunnel_heartbeat, 5000);
+  p->timeout_ms = seconds_to_ms(cfg->tunnel_timeout, 20000);
+  if (cfg->node_name != NULL && cfg->node_name[0] != '\0') {
+    snprintf(p->node, sizeof(p->node), "%s", cfg->node_name);
+  } else if (gethostname(p->node, sizeof(p->node) - 1) != 0) {
+    snprintf(p->node, sizeof(p->node), "%s", dflt_node);
+  }
+  p->node[sizeof(p->node) - 1] = '\0';
+}
+
+int mtp_tunnel_tls_setup(struct mtp_tls_conf **out, const struct mtp_config *cfg, enum mtp_tls_role role,
+                         const char *peer_name, uint64_t handshake_timeout_ms, char *err, size_t errlen) {
+  struct mtp_tls_conf_opts to = {
+      .role = role,
+      .cert = cfg->tunnel_cert,
+      .key = cfg->tunnel_key,
+      .ca = cfg->tunnel_ca,
+      .peer_name = peer_name,
+      .cert_opt = "tunnel_cert",
+      .key_opt = "tunnel_key",
+      .ca_opt = "tunnel_ca",
+      .handshake_timeout_ms = handshake_timeout_ms,
+  };
+  return mtp_tls_conf_setup(out, &to, err, errlen);
+}
 
 /* ---- the Data envelope, written by hand so the packet need not be copied into a Frame ---- */
 
@@ -155,14 +209,21 @@ int mtp_tunnel_conn_send_data(struct mtp_tunnel_conn *c, uint64_t stream, const 
   return rc;
 }
 
-int mtp_tunnel_conn_send_close(struct mtp_tunnel_conn *c, uint64_t stream, uint32_t reason) {
+/* Close(stream, reason), also before the peer's Hello (the tunnel's Close(0) of a refusal). */
+static int send_close_frame(struct mtp_tunnel_conn *c, uint64_t stream, uint32_t reason) {
   Mtp__Close m = MTP__CLOSE__INIT;
   m.stream = stream;
   m.reason = reason;
   Mtp__Frame f = MTP__FRAME__INIT;
   f.msg_case = MTP__FRAME__MSG_CLOSE;
   f.close = &m;
-  return mtp_tunnel_conn_send(c, &f);
+  return send_frame(c, &f);
+}
+
+int mtp_tunnel_conn_send_close(struct mtp_tunnel_conn *c, uint64_t stream, uint32_t reason) {
+  if (c->state != C_UP)
+    return MTP_ECLOSED;
+  return send_close_frame(c, stream, reason);
 }
 
 int mtp_tunnel_conn_send_credit(struct mtp_tunnel_conn *c, uint64_t stream, uint64_t bytes) {
@@ -216,10 +277,167 @@ bool mtp_tunnel_conn_is_congested(const struct mtp_tunnel_conn *c) {
   return c->state != C_CLOSING && mtp_tlsuv_is_congested(c->tls);
 }
 
-void mtp_tunnel_conn_want_flush(struct mtp_tunnel_conn *c) {
+static void want_flush(struct mtp_tunnel_conn *c) {
   if (c->state == C_UP)
     mtp_tlsuv_schedule_flush(c->tls);
 }
+
+/* ---- streams ---- */
+
+static void grants_del(struct mtp_tunnel_stream *s) {
+  if (s->_gpprev == NULL)
+    return;
+  *s->_gpprev = s->_gnext;
+  if (s->_gnext != NULL)
+    s->_gnext->_gpprev = s->_gpprev;
+  s->_gnext = NULL;
+  s->_gpprev = NULL;
+}
+
+void mtp_tunnel_stream_attach(struct mtp_tunnel_stream *s, struct mtp_tunnel_conn *c) {
+  s->_conn = c;
+  uint64_t w = c->peer_window;
+  s->window = (int64_t)(w > (uint64_t)INT64_MAX / 2 ? (uint64_t)INT64_MAX / 2 : w);
+  s->credit = s->window;
+  if (s->_pend_head == NULL)
+    s->_pend_tail = &s->_pend_head;
+  s->_next = c->streams;
+  if (c->streams != NULL)
+    c->streams->_pprev = &s->_next;
+  s->_pprev = &c->streams;
+  c->streams = s;
+  c->nstreams++;
+  if (!s->_counted) {
+    s->_counted = true;
+    mtp_metric_add(MTP_M_TUNNEL_STREAMS, 1);
+  }
+}
+
+void mtp_tunnel_stream_detach(struct mtp_tunnel_stream *s) {
+  grants_del(s);
+  if (s->_pprev != NULL) {
+    *s->_pprev = s->_next;
+    if (s->_next != NULL)
+      s->_next->_pprev = s->_pprev;
+    s->_conn->nstreams--;
+  }
+  s->_next = NULL;
+  s->_pprev = NULL;
+  s->_conn = NULL;
+}
+
+void mtp_tunnel_stream_free(struct mtp_tunnel_stream *s) {
+  mtp_tunnel_stream_detach(s);
+  struct mtp_tunnel_pend *p = s->_pend_head;
+  while (p != NULL) {
+    struct mtp_tunnel_pend *n = p->next;
+    mtp_free(p);
+    p = n;
+  }
+  s->_pend_head = NULL;
+  s->_pend_tail = &s->_pend_head;
+  s->_pend_bytes = 0;
+  if (s->_counted) {
+    s->_counted = false;
+    mtp_metric_add(MTP_M_TUNNEL_STREAMS, -1);
+  }
+}
+
+struct mtp_tunnel_conn *mtp_tunnel_stream_conn(const struct mtp_tunnel_stream *s) { return s->_conn; }
+
+/* A packet larger than the window still goes out once the whole window is credit. */
+static bool credit_allows(const struct mtp_tunnel_stream *s, size_t len) {
+  return s->credit >= (int64_t)len || s->credit >= s->window;
+}
+
+int mtp_tunnel_stream_write(struct mtp_tunnel_stream *s, const uint8_t *data, size_t len, bool quickack,
+                            size_t max_queued) {
+  if (s->_conn == NULL)
+    return MTP_ECLOSED;
+  if (s->_pend_head == NULL && credit_allows(s, len)) {
+    int rc = mtp_tunnel_conn_send_data(s->_conn, s->id, data, len, quickack);
+    if (rc == MTP_OK)
+      s->credit -= (int64_t)len;
+    return rc;
+  }
+  if (s->_pend_bytes + len > max_queued)
+    return MTP_EBACKPRESSURE;
+  struct mtp_tunnel_pend *p = mtp_malloc(sizeof(*p) + len);
+  if (p == NULL)
+    return MTP_ENOMEM;
+  p->next = NULL;
+  p->len = len;
+  p->quickack = quickack;
+  memcpy(p->data, data, len);
+  *s->_pend_tail = p;
+  s->_pend_tail = &p->next;
+  s->_pend_bytes += len;
+  return MTP_OK;
+}
+
+int mtp_tunnel_stream_drain(struct mtp_tunnel_stream *s) {
+  if (s->_conn == NULL)
+    return MTP_ECLOSED;
+  while (s->_pend_head != NULL && credit_allows(s, s->_pend_head->len)) {
+    struct mtp_tunnel_pend *p = s->_pend_head;
+    int rc = mtp_tunnel_conn_send_data(s->_conn, s->id, p->data, p->len, p->quickack);
+    if (rc != MTP_OK)
+      return rc;
+    s->credit -= (int64_t)p->len;
+    s->_pend_head = p->next;
+    if (s->_pend_head == NULL)
+      s->_pend_tail = &s->_pend_head;
+    s->_pend_bytes -= p->len;
+    mtp_free(p);
+  }
+  return MTP_OK;
+}
+
+int mtp_tunnel_stream_credit(struct mtp_tunnel_stream *s, uint64_t bytes) {
+  if (bytes > (uint64_t)INT64_MAX / 4)
+    bytes = (uint64_t)INT64_MAX / 4;
+  if (s->credit < INT64_MAX / 2)
+    s->credit += (int64_t)bytes;
+  return mtp_tunnel_stream_drain(s);
+}
+
+bool mtp_tunnel_stream_may_send(const struct mtp_tunnel_stream *s) {
+  return s->_conn != NULL && s->_pend_head == NULL && s->credit > 0 && !mtp_tunnel_conn_is_congested(s->_conn);
+}
+
+size_t mtp_tunnel_stream_queued(const struct mtp_tunnel_stream *s) { return s->_pend_bytes; }
+
+void mtp_tunnel_stream_grant(struct mtp_tunnel_stream *s, uint64_t bytes) {
+  struct mtp_tunnel_conn *c = s->_conn;
+  if (c == NULL)
+    return;
+  s->_grant += bytes;
+  if (s->_gpprev == NULL) {
+    s->_gnext = c->grants;
+    if (c->grants != NULL)
+      c->grants->_gpprev = &s->_gnext;
+    s->_gpprev = &c->grants;
+    c->grants = s;
+  }
+  want_flush(c);
+}
+
+/* Just before the loop polls: the Credit frames of the grants made since the last time. */
+static void send_grants(struct mtp_tunnel_conn *c) {
+  struct mtp_tunnel_stream *s;
+  while ((s = c->grants) != NULL) {
+    grants_del(s);
+    if (s->_grant > 0) {
+      mtp_tunnel_conn_send_credit(c, s->id, s->_grant);
+      s->unacked = s->unacked > s->_grant ? s->unacked - s->_grant : 0;
+      s->_grant = 0;
+    }
+  }
+}
+
+struct mtp_tunnel_stream *mtp_tunnel_conn_streams(const struct mtp_tunnel_conn *c) { return c->streams; }
+struct mtp_tunnel_stream *mtp_tunnel_stream_next(const struct mtp_tunnel_stream *s) { return s->_next; }
+size_t mtp_tunnel_conn_nstreams(const struct mtp_tunnel_conn *c) { return c->nstreams; }
 
 /* ---- closing ---- */
 
@@ -227,15 +445,8 @@ void mtp_tunnel_conn_close(struct mtp_tunnel_conn *c, int err, uint32_t reason, 
   if (c == NULL || c->state == C_CLOSING)
     return;
   bool linger = false;
-  if (reason != MTP_TUNNEL_NO_REASON && can_send(c)) {
-    Mtp__Close m = MTP__CLOSE__INIT;
-    m.stream = 0;
-    m.reason = reason;
-    Mtp__Frame f = MTP__FRAME__INIT;
-    f.msg_case = MTP__FRAME__MSG_CLOSE;
-    f.close = &m;
-    linger = send_frame(c, &f) == MTP_OK;
-  }
+  if (reason != MTP_TUNNEL_NO_REASON && can_send(c))
+    linger = send_close_frame(c, 0, reason) == MTP_OK;
   if (err == MTP_OK)
     c->clean = true;
   c->state = C_CLOSING;
@@ -384,8 +595,8 @@ static void on_tls_writable(struct mtp_tlsuv *t) {
 
 static void on_tls_flush(struct mtp_tlsuv *t) {
   struct mtp_tunnel_conn *c = mtp_tlsuv_data(t);
-  if (c->state == C_UP && c->ops->on_flush != NULL)
-    c->ops->on_flush(c);
+  if (c->state == C_UP)
+    send_grants(c);
 }
 
 static void on_tls_tick(struct mtp_tlsuv *t) {
@@ -412,6 +623,8 @@ static void on_tls_close(struct mtp_tlsuv *t, int err, const char *why) {
   if (!c->clean && err != MTP_OK)
     MTP_COUNT(TUNNEL_FAILS);
   c->ops->on_close(c, c->clean ? MTP_OK : err, why);
+  while (c->streams != NULL)
+    mtp_tunnel_stream_detach(c->streams); /* the owner's, if it left any: no pointer to c stays */
   mtp_tunnel_dec_free(&c->dec);
   mtp_free(c);
 }

@@ -233,16 +233,18 @@ static int port_after(const char *rest, uint16_t *port) {
 }
 
 int h_wait_listener(struct h_proc *p, const char *name, uint16_t *port, int timeout_ms) {
-  char needle[128], rest[128];
+  char needle[128];
   snprintf(needle, sizeof(needle), "listener %s listening on ", name);
-  if (h_wait_log(p, needle, rest, sizeof(rest), timeout_ms) != 0)
-    return -1;
-  return port_after(rest, port);
+  return h_wait_port(p, needle, port, timeout_ms);
 }
 
 int h_wait_admin(struct h_proc *p, uint16_t *port, int timeout_ms) {
+  return h_wait_port(p, "admin listening on ", port, timeout_ms);
+}
+
+int h_wait_port(struct h_proc *p, const char *needle, uint16_t *port, int timeout_ms) {
   char rest[128];
-  if (h_wait_log(p, "admin listening on ", rest, sizeof(rest), timeout_ms) != 0)
+  if (h_wait_log(p, needle, rest, sizeof(rest), timeout_ms) != 0)
     return -1;
   return port_after(rest, port);
 }

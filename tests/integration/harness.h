@@ -54,6 +54,9 @@ int h_spawn(struct h_proc *p, char *const argv[]);
  */
 int h_wait_log(struct h_proc *p, const char *needle, char *rest, size_t restlen, int timeout_ms);
 
+/* Waits for a line with needle followed by ADDR:PORT ("127.0.0.1:PORT" or "[::1]:PORT") and
+ * returns PORT in *port. Returns 0, or -1 (timeout, exited, no port). */
+int h_wait_port(struct h_proc *p, const char *needle, uint16_t *port, int timeout_ms);
 /* Waits for "listener NAME listening on ADDR:PORT" and returns PORT in *port. */
 int h_wait_listener(struct h_proc *p, const char *name, uint16_t *port, int timeout_ms);
 /* Waits for "admin listening on ADDR:PORT" and returns PORT in *port. */

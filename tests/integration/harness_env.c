@@ -10,6 +10,7 @@
 #include "alloc.h"
 #include "crypto.h"
 #include "err.h"
+#include "harness_extra.h"
 #include "banned.h"
 
 struct h_env h_env = {.proc = {.pid = -1}};
@@ -39,17 +40,21 @@ static void require(bool ok, const char *what) {
 
 void he_start(const char *workers) { he_start_args(workers, NULL); }
 
-void he_start_args(const char *workers, const char *const *extra) {
-  const char *bin = h_mtproxy_bin();
-  require(bin != NULL, "MTPROXY_BIN is not set");
+void he_start_fake(char *sp, char *cp) {
   uint8_t proxy_secret[128];
   mtp_random(proxy_secret, sizeof(proxy_secret));
   int fport = fm_start(proxy_secret, sizeof(proxy_secret), &h_env.fm);
   require(fport > 0, "fake middle proxy did not start");
   require(h_tmpdir(h_env.dir, sizeof(h_env.dir)) == 0, "no temp dir");
-  char sp[256], cp[256];
   require(h_write_middle_files(h_env.dir, proxy_secret, sizeof(proxy_secret), (uint16_t)fport, sp, cp) == 0,
           "cannot write the Telegram config files");
+}
+
+void he_start_args(const char *workers, const char *const *extra) {
+  const char *bin = h_mtproxy_bin();
+  require(bin != NULL, "MTPROXY_BIN is not set");
+  char sp[256], cp[256];
+  he_start_fake(sp, cp);
   char *std[] = {(char *)bin, "--listen", "127.0.0.1:0", "--secret", (char *)k_secret_hex, "--proxy-secret", sp,
                  "--proxy-config", cp, "--admin", "127.0.0.1:0", "--workers", (char *)workers, "--log-level",
                  "info"};
@@ -110,17 +115,4 @@ bool he_wait_metric(const char *series, double want, int timeout_ms, double *las
   }
 }
 
-uint16_t he_local_port(int fd) {
-  struct sockaddr_in a;
-  socklen_t l = sizeof(a);
-  if (getsockname(fd, (struct sockaddr *)&a, &l) != 0)
-    return 0;
-  return ntohs(a.sin_port);
-}
-
-bool he_find_client(uint16_t port, struct fm_conn_info *out) {
-  for (size_t i = fm_conn_count(h_env.fm); i-- > 0;)
-    if (fm_conn_at(h_env.fm, i, out) == MTP_OK && out->client_port == port)
-      return true;
-  return false;
-}
+bool he_find_client(int fd, struct fm_conn_info *out) { return fm_find_client(h_env.fm, hx_local_port(fd), out); }

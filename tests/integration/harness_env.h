@@ -33,6 +33,10 @@ void he_start(const char *workers);
 /* The same with more mtproxy flags after the standard ones (NULL-terminated; NULL = none),
  * e.g. {"--tls-domain", "example.com", NULL}; a flag given twice takes the later value. */
 void he_start_args(const char *workers, const char *const *extra);
+/* The first half of he_start, for a test that starts mtproxy itself (into h_env.proc): the fake
+ * (h_env.fm), the temp dir (h_env.dir) and the Telegram files for the fake, whose paths go to
+ * sp and cp (>= 256 bytes each). On any error prints it, cleans up and exits 1. */
+void he_start_fake(char *sp, char *cp);
 /* Dumps the proxy's log, stops it, frees the fake, removes temp files. Idempotent. */
 void he_cleanup(void);
 /* Stops the proxy (must exit 0), waits until the fake has no RPC connection open, frees all.
@@ -45,9 +49,8 @@ double he_metric(const char *series);
  * threads a moment after the client-visible event). *last gets the last value seen. */
 bool he_wait_metric(const char *series, double want, int timeout_ms, double *last);
 
-/* The local port of a connected IPv4 socket (0 on error). */
-uint16_t he_local_port(int fd);
-/* The fake's newest record of the client whose local port is port. */
-bool he_find_client(uint16_t port, struct fm_conn_info *out);
+/* The fake's newest record of the client on the connected socket fd (by its local port;
+ * hx_local_port in harness_extra.h). */
+bool he_find_client(int fd, struct fm_conn_info *out);
 
 #endif

@@ -17,6 +17,8 @@
 #include <unistd.h>
 
 #include "alloc.h"
+#include "err.h"
+#include "rpc.h"
 #include "banned.h"
 
 int64_t hx_now_ms(void) {
@@ -63,10 +65,22 @@ int hx_write_all(int fd, const void *data, size_t len) {
   return 0;
 }
 
-int hx_wait_eof(int fd, int timeout_ms, size_t *bytes) {
-  *bytes = 0;
+uint16_t hx_local_port(int fd) {
+  struct sockaddr_storage a;
+  socklen_t l = sizeof(a);
+  if (getsockname(fd, (struct sockaddr *)&a, &l) != 0)
+    return 0;
+  if (a.ss_family == AF_INET6)
+    return ntohs(((struct sockaddr_in6 *)&a)->sin6_port);
+  return ntohs(((struct sockaddr_in *)&a)->sin_port);
+}
+
+/* Reads until EOF/reset (0) or timeout (-1): *total counts every byte, the first cap go to buf. */
+static int read_to_eof(int fd, int timeout_ms, uint8_t *buf, size_t cap, size_t *kept, size_t *total) {
+  *kept = 0;
+  *total = 0;
   int64_t deadline = hx_now_ms() + timeout_ms;
-  static uint8_t sink[65536];
+  uint8_t tmp[65536];
   for (;;) {
     int64_t left = deadline - hx_now_ms();
     if (left <= 0)
@@ -77,13 +91,145 @@ int hx_wait_eof(int fd, int timeout_ms, size_t *bytes) {
       continue;
     if (r <= 0)
       return -1;
-    ssize_t n = recv(fd, sink, sizeof(sink), MSG_DONTWAIT);
+    ssize_t n = recv(fd, tmp, sizeof(tmp), MSG_DONTWAIT);
     if (n < 0 && (errno == EINTR || errno == EAGAIN))
       continue;
     if (n <= 0)
       return 0; /* EOF or reset */
-    *bytes += (size_t)n;
+    size_t k = (size_t)n < cap - *kept ? (size_t)n : cap - *kept;
+    if (k > 0)
+      memcpy(buf + *kept, tmp, k);
+    *kept += k;
+    *total += (size_t)n;
   }
+}
+
+int hx_wait_eof(int fd, int timeout_ms, size_t *bytes) {
+  size_t kept;
+  return read_to_eof(fd, timeout_ms, NULL, 0, &kept, bytes);
+}
+
+int hx_read_until_eof(int fd, int timeout_ms, uint8_t *buf, size_t cap, size_t *len) {
+  size_t total;
+  return read_to_eof(fd, timeout_ms, buf, cap, len, &total);
+}
+
+int hx_http_raw(uint16_t port, const char *req, size_t len, size_t piece, int timeout_ms, char **resp) {
+  *resp = NULL;
+  int fd = hx_connect(port, timeout_ms);
+  if (fd < 0)
+    return -1;
+  if (piece == 0)
+    piece = len;
+  for (size_t off = 0; off < len; off += piece) {
+    size_t n = len - off < piece ? len - off : piece;
+    if (hx_write_all(fd, req + off, n) != 0)
+      break;
+  }
+  size_t cap = 1 << 16, got = 0;
+  char *buf = mtp_malloc(cap);
+  if (buf == NULL) {
+    close(fd);
+    return -1;
+  }
+  int64_t deadline = hx_now_ms() + timeout_ms;
+  for (;;) {
+    int64_t left = deadline - hx_now_ms();
+    struct pollfd pf = {.fd = fd, .events = POLLIN};
+    if (left <= 0 || poll(&pf, 1, (int)left) <= 0)
+      break;
+    ssize_t r = read(fd, buf + got, cap - 1 - got);
+    if (r < 0 && errno == EINTR)
+      continue;
+    if (r <= 0 || (got += (size_t)r) >= cap - 1)
+      break;
+  }
+  close(fd);
+  buf[got] = '\0';
+  *resp = buf;
+  if (got == 0)
+    return -2;
+  int st = -1;
+  if (sscanf(buf, "HTTP/1.1 %d", &st) != 1)
+    return -1;
+  return st;
+}
+
+int hx_echo(struct tclient *c, size_t len, int timeout_ms, int64_t *elapsed_ms) {
+  static uint8_t pkt[65536];
+  if (len > sizeof(pkt))
+    return MTP_EINVAL;
+  tc_make_packet(pkt, len, true);
+  int64_t t0 = hx_now_ms();
+  *elapsed_ms = 0;
+  int rc = tc_send(c, pkt, len, false);
+  struct tc_msg m;
+  if (rc == MTP_OK)
+    rc = tc_recv(c, timeout_ms, &m);
+  *elapsed_ms = hx_now_ms() - t0;
+  if (rc == MTP_OK && !(m.kind == TC_PACKET && m.len == len && memcmp(m.data, pkt, len) == 0))
+    rc = MTP_EPROTO;
+  return rc;
+}
+
+int hx_first_echo(struct tclient *c, int timeout_ms, char *why, size_t whylen) {
+  uint8_t pkt[72];
+  tc_make_packet(pkt, sizeof(pkt), false);
+  snprintf(why, whylen, "send");
+  int rc = tc_send(c, pkt, sizeof(pkt), true);
+  if (rc != MTP_OK)
+    return rc;
+  bool got_ack = false, got_echo = false;
+  for (int i = 0; i < 3 && !got_echo; i++) {
+    struct tc_msg m;
+    rc = tc_recv(c, timeout_ms, &m);
+    if (rc != MTP_OK) {
+      snprintf(why, whylen, "recv: %s (ack %d, echo %d)", mtp_strerror(rc), got_ack, got_echo);
+      return rc;
+    }
+    if (m.kind == TC_QUICKACK) {
+      if (got_ack || (m.token | 0x80000000u) != fm_quickack_token(pkt, sizeof(pkt))) {
+        snprintf(why, whylen, got_ack ? "a second quick ack" : "a quick ack with the wrong token");
+        return MTP_EPROTO;
+      }
+      got_ack = true;
+    } else {
+      if (got_echo || m.len != sizeof(pkt) || memcmp(m.data, pkt, sizeof(pkt)) != 0) {
+        snprintf(why, whylen, "a wrong echo (%zu bytes)", m.len);
+        return MTP_EPROTO;
+      }
+      got_echo = true;
+    }
+  }
+  if (!got_ack) {
+    snprintf(why, whylen, "the echo came without a quick ack before it");
+    return MTP_EPROTO;
+  }
+  snprintf(why, whylen, "ok");
+  return MTP_OK;
+}
+
+const char *hx_check_first_rpc(const struct fm_conn_info *ci, enum mtp_proto proto, const uint8_t tag[16],
+                               uint16_t proxy_port) {
+  static const uint8_t v4mapped_lo[16] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 127, 0, 0, 1};
+  uint32_t framing = ci->flags & (MTP_RPC_FLAG_ABRIDGED | MTP_RPC_FLAG_INTERMEDIATE);
+  if (!ci->has_ad_tag || memcmp(ci->ad_tag, tag, 16) != 0 || !(ci->flags & MTP_RPC_FLAG_HAS_AD_TAG))
+    return "ad_tag";
+  if (!(ci->flags & MTP_RPC_FLAG_QUICKACK))
+    return "no QUICKACK flag";
+  if (!(ci->flags & MTP_RPC_FLAG_NOT_ENCRYPTED))
+    return "no NOT_ENCRYPTED flag";
+  if (framing != (proto == MTP_PROTO_ABRIDGED ? MTP_RPC_FLAG_ABRIDGED : MTP_RPC_FLAG_INTERMEDIATE))
+    return "framing flags";
+  if (ci->proxy_port != proxy_port)
+    return "proxy_port";
+  if (memcmp(ci->client_ip, v4mapped_lo, 16) != 0)
+    return "client_ip";
+  if (memcmp(ci->proxy_ip, v4mapped_lo, 16) != 0)
+    return "proxy_ip";
+  if (ci->packets != 1)
+    return "packets != 1";
+  return NULL;
 }
 
 static int status_code(int st) { return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st); }
@@ -170,6 +316,18 @@ int hx_run(char *const argv[], int timeout_ms, char **out, int *exit_code) {
     buf[len] = '\0';
   *out = buf;
   return rc;
+}
+
+int hx_run_cmd(const char *bin, const char *sub, char *const args[], int timeout_ms, char **out, int *exit_code) {
+  char *argv[64];
+  size_t n = 0;
+  argv[n++] = (char *)bin;
+  if (sub != NULL)
+    argv[n++] = (char *)sub;
+  for (size_t i = 0; args[i] != NULL && n < 63; i++)
+    argv[n++] = args[i];
+  argv[n] = NULL;
+  return hx_run(argv, timeout_ms, out, exit_code);
 }
 
 int hx_signal_wait(struct h_proc *p, int sig, int timeout_ms) {

@@ -11,7 +11,9 @@
 #include <stdint.h>
 #include <sys/types.h>
 
+#include "fake_middle.h"
 #include "harness.h"
+#include "tclient.h"
 
 /* Monotonic clock in milliseconds. */
 int64_t hx_now_ms(void);
@@ -21,11 +23,51 @@ int hx_connect(uint16_t port, int timeout_ms);
 /* Writes all len bytes (blocking). Returns 0 or -1. */
 int hx_write_all(int fd, const void *data, size_t len);
 
+/* The local port of a connected socket (0 on error). */
+uint16_t hx_local_port(int fd);
+
 /*
  * Reads from fd (discarding the data) until the peer closes (EOF or reset) or timeout_ms
  * passes. *bytes gets how many bytes arrived. Returns 0 when the peer closed, -1 on timeout.
  */
 int hx_wait_eof(int fd, int timeout_ms, size_t *bytes);
+/* The same, keeping the first cap bytes in buf: *len gets how many it kept. */
+int hx_read_until_eof(int fd, int timeout_ms, uint8_t *buf, size_t cap, size_t *len);
+
+/*
+ * Sends one HTTP request (len bytes of req; in pieces of `piece` bytes when > 0) to
+ * 127.0.0.1:port and reads until the server closes or timeout_ms passes. Returns the status,
+ * -1 (no connection, or the answer is not HTTP/1.1) or -2 (closed without an answer); *resp
+ * gets what arrived (mtp_malloc'ed, NUL-terminated, at most 64 KiB; transfers; NULL when no
+ * connection).
+ */
+int hx_http_raw(uint16_t port, const char *req, size_t len, size_t piece, int timeout_ms, char **resp);
+
+/* ---- clients through the proxy (tclient.h) and the fake middle proxy's view of them ---- */
+
+/*
+ * One echo through c: sends len (<= 65536) encrypted-looking bytes without quick ack and waits
+ * up to timeout_ms for them to come back unchanged. *elapsed_ms gets the round trip. Returns
+ * MTP_OK, the receive error, or MTP_EPROTO when something else came back.
+ */
+int hx_echo(struct tclient *c, size_t len, int timeout_ms, int64_t *elapsed_ms);
+
+/*
+ * A client's first packet: sends 72 unencrypted bytes with a quick-ack request through c and
+ * waits (up to timeout_ms for each message) for the quick ack, carrying the fake's token for
+ * the packet, and then the echo. Returns MTP_OK, the receive error, or MTP_EPROTO (a wrong or
+ * second ack, a wrong echo, an echo before the ack) with a reason in why.
+ */
+int hx_first_echo(struct tclient *c, int timeout_ms, char *why, size_t whylen);
+
+/*
+ * Checks the fake's record of a client after hx_first_echo through a listener on
+ * 127.0.0.1:proxy_port: ad_tag `tag` (flag HAS_AD_TAG), flags QUICKACK and NOT_ENCRYPTED,
+ * ABRIDGED or INTERMEDIATE as proto, client and proxy addresses the IPv4-mapped loopback,
+ * exactly one packet. Returns NULL, or what differs (a static string).
+ */
+const char *hx_check_first_rpc(const struct fm_conn_info *ci, enum mtp_proto proto, const uint8_t tag[16],
+                               uint16_t proxy_port);
 
 /*
  * Runs argv to completion with stdout+stderr captured: *out (mtp_malloc'ed, NUL-terminated,
@@ -33,6 +75,8 @@ int hx_wait_eof(int fd, int timeout_ms, size_t *bytes);
  * Returns 0, or -1 on a spawn failure or timeout.
  */
 int hx_run(char *const argv[], int timeout_ms, char **out, int *exit_code);
+/* hx_run of `bin [sub] args...`: sub may be NULL, args is NULL-terminated (at most 60). */
+int hx_run_cmd(const char *bin, const char *sub, char *const args[], int timeout_ms, char **out, int *exit_code);
 
 /*
  * Sends sig to a process started with h_spawn and waits up to timeout_ms for it to exit on

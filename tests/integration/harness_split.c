@@ -66,16 +66,9 @@ int hs_certs(char *const args[], char **out) {
     *out = NULL;
   if (!bin)
     return -1;
-  char *argv[16];
-  size_t n = 0;
-  argv[n++] = (char *)bin;
-  argv[n++] = "certs";
-  for (size_t i = 0; args[i] && n < 15; i++)
-    argv[n++] = args[i];
-  argv[n] = NULL;
   char *text = NULL;
   int code = -1;
-  if (hx_run(argv, 60000, &text, &code) != 0) {
+  if (hx_run_cmd(bin, "certs", args, 60000, &text, &code) != 0) {
     mtp_free(text);
     return -1;
   }
@@ -189,20 +182,6 @@ static int spawn(struct hs_node *n, char *const prefix[], const char *bin, char 
   return h_spawn(&n->proc, argv);
 }
 
-static int port_of(const char *rest, uint16_t *port) {
-  const char *colon = NULL;
-  for (const char *s = rest; *s && *s != ' '; s++)
-    if (*s == ':')
-      colon = s;
-  if (!colon)
-    return -1;
-  long v = strtol(colon + 1, NULL, 10);
-  if (v <= 0 || v > 65535)
-    return -1;
-  *port = (uint16_t)v;
-  return 0;
-}
-
 int hs_back_start_ex(struct hs_node *n, char *const prefix[], const char *certdir, const char *listen,
                      const char *workers, char *const extra[]) {
   if (certdir == NULL)
@@ -217,8 +196,7 @@ int hs_back_start_ex(struct hs_node *n, char *const prefix[], const char *certdi
                    "--log-level", "info", admin ? "--admin" : NULL, "127.0.0.1:0", NULL};
   if (spawn(n, prefix, hs_back_bin(), fixed, extra) != 0)
     return -1;
-  char rest[128];
-  if (h_wait_log(&n->proc, "tunnel listening on ", rest, sizeof(rest), 40000) != 0 || port_of(rest, &n->port) != 0) {
+  if (h_wait_port(&n->proc, "tunnel listening on ", &n->port, 40000) != 0) {
     fprintf(stderr, "mtproxy-back did not announce its tunnel port\n");
     return -1;
   }

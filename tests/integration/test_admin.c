@@ -304,43 +304,11 @@ static void test_parser(void) {
 
 /* ---- raw HTTP ---- */
 
-/* Sends req (in pieces of `piece` bytes when > 0) and reads until the server closes.
- * Returns the status (or -1: nothing / not HTTP; -2: closed without an answer) and *resp. */
+/* Sends req to the admin endpoint (in pieces of `piece` bytes when > 0) and reads until the
+ * server closes. Returns the status (or -1: nothing / not HTTP; -2: closed without an answer)
+ * and *resp. */
 static int raw_http(const char *req, size_t len, size_t piece, char **resp) {
-  *resp = NULL;
-  int fd = hx_connect(h_env.admin, 5000);
-  if (fd < 0)
-    return -1;
-  if (piece == 0)
-    piece = len;
-  for (size_t off = 0; off < len; off += piece) {
-    size_t n = len - off < piece ? len - off : piece;
-    if (hx_write_all(fd, req + off, n) != 0)
-      break;
-  }
-  size_t cap = 1 << 16, got = 0;
-  char *buf = mtp_malloc(cap);
-  int64_t deadline = hx_now_ms() + 5000;
-  for (;;) {
-    int64_t left = deadline - hx_now_ms();
-    struct pollfd pf = {.fd = fd, .events = POLLIN};
-    if (left <= 0 || poll(&pf, 1, (int)left) <= 0)
-      break;
-    ssize_t r = read(fd, buf + got, cap - 1 - got);
-    if (r < 0 && errno == EINTR)
-      continue;
-    if (r <= 0 || (got += (size_t)r) >= cap - 1)
-      break;
-  }
-  close(fd);
-  buf[got] = '\0';
-  *resp = buf;
-  if (got == 0)
-    return -2;
-  int st = -1;
-  if (sscanf(buf, "HTTP/1.1 %d", &st) != 1)
-    return -1;
-  return st;
+  return hx_http_raw(h_env.admin, req, len, piece, 5000, resp);
 }
 
 static int raw(const char *req, char **resp) { return raw_http(req, strlen(req), 0, resp); }
@@ -371,23 +339,16 @@ static void expect_status(const char *what, const char *req, int want, const cha
 
 static char g_admin_addr[64];
 
-/* Runs mtproxy ctl with the NULL-terminated args; returns the exit code, output in out_buf. */
-static int ctl_run(char *out_buf, size_t outlen, const char *const *args) {
-  char *argv[16];
-  size_t n = 0;
-  argv[n++] = (char *)h_mtproxy_bin();
-  argv[n++] = "ctl";
-  for (size_t i = 0; args[i] != NULL && n < 15; i++)
-    argv[n++] = (char *)args[i];
-  argv[n] = NULL;
+/* Runs `mtproxy SUB` with the NULL-terminated args; returns the exit code, output in out_buf. */
+static int run_sub(const char *sub, char *out_buf, size_t outlen, const char *const *args) {
   char *out = NULL;
   int code = -1;
-  CHECK(hx_run(argv, 15000, &out, &code) == 0);
+  CHECK(hx_run_cmd(h_mtproxy_bin(), sub, (char *const *)args, 15000, &out, &code) == 0);
   snprintf(out_buf, outlen, "%s", out != NULL ? out : "");
   mtp_free(out);
   return code;
 }
-#define ctl(out, outlen, ...) ctl_run((out), (outlen), (const char *const[]){__VA_ARGS__, NULL})
+#define ctl(out, outlen, ...) run_sub("ctl", (out), (outlen), (const char *const[]){__VA_ARGS__, NULL})
 
 static cJSON *get_json(const char *path) {
   char *body = NULL;
@@ -763,22 +724,7 @@ static void test_ctl(void) {
 }
 
 /* `mtproxy link --domain D`: the fake-TLS link of a domain, derived per SNI when asked. */
-static int run_link(char *out_buf, size_t outlen, const char *const *args) {
-  char *argv[24];
-  size_t n = 0;
-  argv[n++] = (char *)h_mtproxy_bin();
-  argv[n++] = "link";
-  for (size_t i = 0; args[i] != NULL && n < 23; i++)
-    argv[n++] = (char *)args[i];
-  argv[n] = NULL;
-  char *out = NULL;
-  int code = -1;
-  CHECK(hx_run(argv, 15000, &out, &code) == 0);
-  snprintf(out_buf, outlen, "%s", out != NULL ? out : "");
-  mtp_free(out);
-  return code;
-}
-#define link_cmd(out, outlen, ...) run_link((out), (outlen), (const char *const[]){__VA_ARGS__, NULL})
+#define link_cmd(out, outlen, ...) run_sub("link", (out), (outlen), (const char *const[]){__VA_ARGS__, NULL})
 
 static void test_link_cmd(void) {
   char out[8192];

@@ -48,14 +48,8 @@ static const char *g_bin;
 
 /* Runs mtproxy with args (NULL-terminated, without argv[0]); returns the output and code. */
 static char *run(char *const *args, int *code) {
-  char *argv[32];
-  size_t n = 0;
-  argv[n++] = (char *)g_bin;
-  for (size_t i = 0; args[i] && n < 31; i++)
-    argv[n++] = args[i];
-  argv[n] = NULL;
   char *out = NULL;
-  int rc = hx_run(argv, 10000, &out, code);
+  int rc = hx_run_cmd(g_bin, NULL, args, 10000, &out, code);
   CHECK(rc == 0);
   CHECK(out != NULL);
   return out;

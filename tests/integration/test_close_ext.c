@@ -34,7 +34,7 @@ static void client_up(struct tclient *c, enum mtp_proto proto, struct fm_conn_in
   struct tc_msg m;
   CHECK(tc_recv(c, 5000, &m) == MTP_OK);
   CHECK(m.kind == TC_PACKET && m.len == sizeof(pkt) && memcmp(m.data, pkt, sizeof(pkt)) == 0);
-  CHECK(he_find_client(he_local_port(c->fd), ci));
+  CHECK(he_find_client(c->fd, ci));
 }
 
 static void echo_ok(struct tclient *c, size_t len) {

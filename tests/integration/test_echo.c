@@ -17,6 +17,7 @@
 #include "err.h"
 #include "fake_middle.h"
 #include "harness.h"
+#include "harness_extra.h"
 #include "rpc.h"
 #include "tclient.h"
 #include "banned.h"
@@ -48,73 +49,28 @@ static void fail_out(void) {
 static const char *k_secret_hex = "00112233445566778899aabbccddeeff";
 static const char *k_tag_hex = "0badc0de0badc0de0badc0de0badc0de";
 
-static uint16_t local_port(int fd) {
-  struct sockaddr_in a;
-  socklen_t l = sizeof(a);
-  if (getsockname(fd, (struct sockaddr *)&a, &l) != 0)
-    return 0;
-  return ntohs(a.sin_port);
-}
-
-static bool find_by_client_port(uint16_t port, struct fm_conn_info *out) {
-  size_t n = fm_conn_count(g_fm);
-  for (size_t i = n; i-- > 0;) {
-    if (fm_conn_at(g_fm, i, out) == MTP_OK && out->client_port == port)
-      return true;
-  }
-  return false;
-}
-
 static void one_client(uint16_t proxy_port, enum mtp_proto proto, int16_t dc, const uint8_t secret[16],
                        const uint8_t tag[16]) {
   struct tclient c;
   tc_init(&c);
   CHECK(tc_connect(&c, "127.0.0.1", proxy_port, secret, proto, dc, 5000) == MTP_OK);
-  uint16_t my_port = local_port(c.fd);
 
   /* 1: unencrypted auth-style packet with a quick-ack request. */
-  uint8_t pkt[2048];
-  tc_make_packet(pkt, 72, false);
-  CHECK(tc_send(&c, pkt, 72, true) == MTP_OK);
-  struct tc_msg m;
-  bool got_ack = false, got_echo = false;
-  for (int i = 0; i < 3 && !got_echo; i++) {
-    int rc = tc_recv(&c, 5000, &m);
-    if (rc != MTP_OK)
-      fprintf(stderr, "proto %s dc %d: recv: %s\n", mtp_proto_name(proto), dc, mtp_strerror(rc));
-    CHECK(rc == MTP_OK);
-    if (m.kind == TC_QUICKACK) {
-      CHECK(!got_ack);
-      CHECK((m.token | 0x80000000u) == fm_quickack_token(pkt, 72));
-      got_ack = true;
-    } else {
-      CHECK(m.len == 72 && memcmp(m.data, pkt, 72) == 0);
-      got_echo = true;
-    }
-  }
-  CHECK(got_ack && got_echo);
-
+  char why[160];
+  int rc = hx_first_echo(&c, 5000, why, sizeof(why));
+  if (rc != MTP_OK)
+    fprintf(stderr, "proto %s dc %d: %s\n", mtp_proto_name(proto), dc, why);
+  CHECK(rc == MTP_OK);
   struct fm_conn_info ci;
-  CHECK(find_by_client_port(my_port, &ci));
-  CHECK(ci.has_ad_tag && memcmp(ci.ad_tag, tag, 16) == 0);
-  CHECK(ci.flags & MTP_RPC_FLAG_HAS_AD_TAG);
-  CHECK(ci.flags & MTP_RPC_FLAG_QUICKACK);
-  CHECK(ci.flags & MTP_RPC_FLAG_NOT_ENCRYPTED);
-  if (proto == MTP_PROTO_ABRIDGED)
-    CHECK((ci.flags & (MTP_RPC_FLAG_ABRIDGED | MTP_RPC_FLAG_INTERMEDIATE)) == MTP_RPC_FLAG_ABRIDGED);
-  else
-    CHECK((ci.flags & (MTP_RPC_FLAG_ABRIDGED | MTP_RPC_FLAG_INTERMEDIATE)) == MTP_RPC_FLAG_INTERMEDIATE);
-  CHECK(ci.proxy_port == proxy_port);
-  static const uint8_t v4mapped_lo[16] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 127, 0, 0, 1};
-  CHECK(memcmp(ci.client_ip, v4mapped_lo, 16) == 0);
-  CHECK(memcmp(ci.proxy_ip, v4mapped_lo, 16) == 0);
-  CHECK(ci.packets == 1);
+  CHECK(fm_find_client(g_fm, hx_local_port(c.fd), &ci));
+  const char *bad = hx_check_first_rpc(&ci, proto, tag, proxy_port);
+  if (bad != NULL)
+    fprintf(stderr, "proto %s dc %d: the fake's record: %s\n", mtp_proto_name(proto), dc, bad);
+  CHECK(bad == NULL);
 
   /* 2: encrypted-looking packet, no quick ack; same conn_id. */
-  tc_make_packet(pkt, 1024, true);
-  CHECK(tc_send(&c, pkt, 1024, false) == MTP_OK);
-  CHECK(tc_recv(&c, 5000, &m) == MTP_OK);
-  CHECK(m.kind == TC_PACKET && m.len == 1024 && memcmp(m.data, pkt, 1024) == 0);
+  int64_t el;
+  CHECK(hx_echo(&c, 1024, 5000, &el) == MTP_OK);
   struct fm_conn_info ci2;
   CHECK(fm_conn_find(g_fm, ci.conn_id, &ci2) == MTP_OK);
   CHECK(ci2.packets == 2);

@@ -16,6 +16,7 @@
 #include "err.h"
 #include "fake_middle.h"
 #include "harness.h"
+#include "harness_extra.h"
 #include "tclient.h"
 #include "banned.h"
 
@@ -29,22 +30,6 @@ static bool have_ipv6_loopback(void) {
   return ok;
 }
 
-/* The conn the fake saw from the client whose local port is `port`. */
-static bool find_client(struct fake_middle *fm, uint16_t port, struct fm_conn_info *out) {
-  for (size_t i = 0; i < fm_conn_count(fm); i++)
-    if (fm_conn_at(fm, i, out) == MTP_OK && out->client_port == port)
-      return true;
-  return false;
-}
-
-static uint16_t local_port(int fd) {
-  struct sockaddr_storage a;
-  socklen_t l = sizeof(a);
-  getsockname(fd, (struct sockaddr *)&a, &l);
-  return a.ss_family == AF_INET6 ? ntohs(((struct sockaddr_in6 *)&a)->sin6_port)
-                                 : ntohs(((struct sockaddr_in *)&a)->sin_port);
-}
-
 static void echo(const char *host, uint16_t port, const uint8_t *secret, struct fake_middle *fm,
                  struct fm_conn_info *ci) {
   struct tclient c;
@@ -56,7 +41,7 @@ static void echo(const char *host, uint16_t port, const uint8_t *secret, struct 
   struct tc_msg m;
   CHECK(tc_recv(&c, 5000, &m) == MTP_OK);
   CHECK(m.kind == TC_PACKET && m.len == sizeof(pkt) && memcmp(m.data, pkt, sizeof(pkt)) == 0);
-  CHECK(find_client(fm, local_port(c.fd), ci));
+  CHECK(fm_find_client(fm, hx_local_port(c.fd), ci));
   tc_close(&c);
 }
 

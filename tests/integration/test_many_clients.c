@@ -27,6 +27,7 @@
 #include "framing.h"
 #include "check.h"
 #include "harness_env.h"
+#include "harness_extra.h"
 #include "tclient.h"
 #include "banned.h"
 
@@ -77,7 +78,7 @@ int main(void) {
     if (rc != MTP_OK)
       fprintf(stderr, "client %d: connect: %s\n", i, mtp_strerror(rc));
     CHECK(rc == MTP_OK);
-    ports[i] = he_local_port(cl[i].fd);
+    ports[i] = hx_local_port(cl[i].fd);
     CHECK(ports[i] != 0 && !seen[ports[i]]);
     seen[ports[i]] = 1;
   }

@@ -65,19 +65,13 @@ static char g_conf[400]; /* JSON config shared by the back and the fronts */
 
 /* ---- small helpers ---- */
 
-static uint16_t local_port(int fd) {
-  struct sockaddr_in a;
-  socklen_t l = sizeof(a);
-  if (getsockname(fd, (struct sockaddr *)&a, &l) != 0)
-    return 0;
-  return ntohs(a.sin_port);
-}
+/* The fake's record of the client on fd. */
+static bool find_client(int fd, struct fm_conn_info *out) { return fm_find_client(hs.fm, hx_local_port(fd), out); }
 
-static bool find_client(uint16_t port, struct fm_conn_info *out) {
-  for (size_t i = fm_conn_count(hs.fm); i-- > 0;)
-    if (fm_conn_at(hs.fm, i, out) == MTP_OK && out->client_port == port)
-      return true;
-  return false;
+/* A client of the front at port with the scene's secret. */
+static void client_open(struct tclient *c, uint16_t port, enum mtp_proto proto, int16_t dc) {
+  tc_init(c);
+  CHECK(tc_connect(c, "127.0.0.1", port, hs.secret, proto, dc, 5000) == MTP_OK);
 }
 
 static char *read_all(const char *path, size_t *len) {
@@ -106,42 +100,10 @@ static bool one_line(const char *s) {
 
 /* Runs bin with args (NULL-terminated) to completion; *code gets the exit code. */
 static char *run(const char *bin, char *const args[], int *code) {
-  char *argv[40];
-  size_t n = 0;
-  argv[n++] = (char *)bin;
-  for (size_t i = 0; args[i] && n < 39; i++)
-    argv[n++] = args[i];
-  argv[n] = NULL;
   char *out = NULL;
-  CHECK(hx_run(argv, 20000, &out, code) == 0);
+  CHECK(hx_run_cmd(bin, NULL, args, 20000, &out, code) == 0);
   CHECK(out != NULL);
   return out;
-}
-
-/* Reads from fd until the peer closes (0) or timeout_ms passes (-1), keeping up to cap bytes. */
-static int read_until_eof(int fd, int timeout_ms, uint8_t *buf, size_t cap, size_t *len) {
-  *len = 0;
-  int64_t deadline = hx_now_ms() + timeout_ms;
-  for (;;) {
-    int64_t left = deadline - hx_now_ms();
-    if (left <= 0)
-      return -1;
-    struct pollfd pf = {.fd = fd, .events = POLLIN};
-    int r = poll(&pf, 1, (int)left);
-    if (r < 0 && errno == EINTR)
-      continue;
-    if (r <= 0)
-      return -1;
-    uint8_t tmp[4096];
-    ssize_t n = recv(fd, tmp, sizeof(tmp), MSG_DONTWAIT);
-    if (n < 0 && (errno == EINTR || errno == EAGAIN))
-      continue;
-    if (n <= 0)
-      return 0;
-    size_t k = (size_t)n < cap - *len ? (size_t)n : cap - *len;
-    memcpy(buf + *len, tmp, k);
-    *len += k;
-  }
 }
 
 /* Every byte received is part of a TLS alert record (content type 21): nothing else leaked. */
@@ -295,55 +257,21 @@ static void test_cli(void) {
 
 static void one_client(const struct hs_node *front, enum mtp_proto proto, int16_t dc, const uint8_t tag[16]) {
   struct tclient c;
-  tc_init(&c);
-  CHECK(tc_connect(&c, "127.0.0.1", front->port, hs.secret, proto, dc, 5000) == MTP_OK);
-  uint16_t my_port = local_port(c.fd);
-
-  uint8_t pkt[2048];
-  tc_make_packet(pkt, 72, false);
-  CHECK(tc_send(&c, pkt, 72, true) == MTP_OK);
-  struct tc_msg m;
-  bool got_ack = false, got_echo = false;
-  for (int i = 0; i < 3 && !got_echo; i++) {
-    int rc = tc_recv(&c, 5000, &m);
-    CHECK_MSG(rc == MTP_OK, "proto %s dc %d: recv: %s", mtp_proto_name(proto), dc, mtp_strerror(rc));
-    if (m.kind == TC_QUICKACK) {
-      CHECK(!got_ack);
-      CHECK((m.token | 0x80000000u) == fm_quickack_token(pkt, 72));
-      got_ack = true;
-    } else {
-      CHECK(m.len == 72 && memcmp(m.data, pkt, 72) == 0);
-      got_echo = true;
-    }
-  }
-  CHECK(got_ack && got_echo);
-
+  client_open(&c, front->port, proto, dc);
+  char why[160];
+  int rc = hx_first_echo(&c, 5000, why, sizeof(why));
+  CHECK_MSG(rc == MTP_OK, "proto %s dc %d: %s", mtp_proto_name(proto), dc, why);
   struct fm_conn_info ci;
-  CHECK(find_client(my_port, &ci));
-  CHECK(ci.has_ad_tag && memcmp(ci.ad_tag, tag, 16) == 0);
-  CHECK(ci.flags & MTP_RPC_FLAG_QUICKACK);
-  CHECK(ci.flags & MTP_RPC_FLAG_NOT_ENCRYPTED);
-  if (proto == MTP_PROTO_ABRIDGED)
-    CHECK((ci.flags & (MTP_RPC_FLAG_ABRIDGED | MTP_RPC_FLAG_INTERMEDIATE)) == MTP_RPC_FLAG_ABRIDGED);
-  else
-    CHECK((ci.flags & (MTP_RPC_FLAG_ABRIDGED | MTP_RPC_FLAG_INTERMEDIATE)) == MTP_RPC_FLAG_INTERMEDIATE);
+  CHECK(find_client(c.fd, &ci));
   /* The address the client used is the front's listener, carried over the tunnel. */
-  CHECK_MSG(ci.proxy_port == front->port, "proxy_port %u, front %u", ci.proxy_port, front->port);
-  static const uint8_t v4mapped_lo[16] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 127, 0, 0, 1};
-  CHECK(memcmp(ci.client_ip, v4mapped_lo, 16) == 0);
-  CHECK(memcmp(ci.proxy_ip, v4mapped_lo, 16) == 0);
-  CHECK(ci.packets == 1);
+  const char *bad = hx_check_first_rpc(&ci, proto, tag, front->port);
+  CHECK_MSG(bad == NULL, "proto %s dc %d: the fake's record: %s (proxy_port %u, front %u)", mtp_proto_name(proto),
+            dc, bad, ci.proxy_port, front->port);
 
   /* A bigger encrypted-looking packet without quick ack, then one of 64 KiB. */
-  tc_make_packet(pkt, 2048, true);
-  CHECK(tc_send(&c, pkt, 2048, false) == MTP_OK);
-  CHECK(tc_recv(&c, 5000, &m) == MTP_OK);
-  CHECK(m.kind == TC_PACKET && m.len == 2048 && memcmp(m.data, pkt, 2048) == 0);
-  static uint8_t big[65536];
-  tc_make_packet(big, sizeof(big), true);
-  CHECK(tc_send(&c, big, sizeof(big), false) == MTP_OK);
-  CHECK(tc_recv(&c, 5000, &m) == MTP_OK);
-  CHECK(m.kind == TC_PACKET && m.len == sizeof(big) && memcmp(m.data, big, sizeof(big)) == 0);
+  int64_t el;
+  CHECK(hx_echo(&c, 2048, 5000, &el) == MTP_OK);
+  CHECK(hx_echo(&c, 65536, 5000, &el) == MTP_OK);
   struct fm_conn_info ci2;
   CHECK(fm_conn_find(hs.fm, ci.conn_id, &ci2) == MTP_OK);
   CHECK(ci2.packets == 3);
@@ -397,10 +325,8 @@ static void test_two_fronts(void) {
   }
   /* Streams of both fronts open at the same time. */
   struct tclient a, b;
-  tc_init(&a);
-  tc_init(&b);
-  CHECK(tc_connect(&a, "127.0.0.1", hs.fronts[0].port, hs.secret, MTP_PROTO_ABRIDGED, 2, 5000) == MTP_OK);
-  CHECK(tc_connect(&b, "127.0.0.1", hs.fronts[1].port, hs.secret, MTP_PROTO_PADDED, 2, 5000) == MTP_OK);
+  client_open(&a, hs.fronts[0].port, MTP_PROTO_ABRIDGED, 2);
+  client_open(&b, hs.fronts[1].port, MTP_PROTO_PADDED, 2);
   uint8_t pa[256], pb[256];
   tc_make_packet(pa, sizeof(pa), true);
   tc_make_packet(pb, sizeof(pb), true);
@@ -410,8 +336,8 @@ static void test_two_fronts(void) {
   CHECK(tc_recv(&b, 5000, &m) == MTP_OK && m.len == sizeof(pb) && memcmp(m.data, pb, sizeof(pb)) == 0);
   CHECK(tc_recv(&a, 5000, &m) == MTP_OK && m.len == sizeof(pa) && memcmp(m.data, pa, sizeof(pa)) == 0);
   struct fm_conn_info ia, ib;
-  CHECK(find_client(local_port(a.fd), &ia));
-  CHECK(find_client(local_port(b.fd), &ib));
+  CHECK(find_client(a.fd, &ia));
+  CHECK(find_client(b.fd, &ib));
   CHECK(ia.proxy_port == hs.fronts[0].port);
   CHECK(ib.proxy_port == hs.fronts[1].port);
   CHECK(ia.conn_id != ib.conn_id);
@@ -538,7 +464,7 @@ static void test_unauthenticated(void) {
   static const char http[] = "GET / HTTP/1.1\r\nHost: back\r\n\r\n";
   memcpy(junk + 64, http, sizeof(http) - 1);
   CHECK(hx_write_all(fd, junk, 64 + sizeof(http) - 1) == 0);
-  CHECK(read_until_eof(fd, 30000, rx, sizeof(rx), &got) == 0);
+  CHECK(hx_read_until_eof(fd, 30000, rx, sizeof(rx), &got) == 0);
   fprintf(stderr, "plain TCP client: closed after %zu bytes\n", got);
   CHECK(only_tls_alerts(rx, got));
   close(fd);
@@ -550,7 +476,7 @@ static void test_unauthenticated(void) {
   junk[1] = 0x03;
   junk[2] = 0x03;
   (void)hx_write_all(fd, junk, sizeof(junk)); /* the back may close before it took it all */
-  CHECK(read_until_eof(fd, 30000, rx, sizeof(rx), &got) == 0);
+  CHECK(hx_read_until_eof(fd, 30000, rx, sizeof(rx), &got) == 0);
   fprintf(stderr, "garbage: closed after %zu bytes\n", got);
   CHECK(only_tls_alerts(rx, got));
   close(fd);
@@ -558,7 +484,7 @@ static void test_unauthenticated(void) {
   int64_t t0 = hx_now_ms();
   fd = hx_connect(hs.back.port, 5000);
   CHECK(fd >= 0);
-  CHECK(read_until_eof(fd, 40000, rx, sizeof(rx), &got) == 0);
+  CHECK(hx_read_until_eof(fd, 40000, rx, sizeof(rx), &got) == 0);
   fprintf(stderr, "silent TCP client: closed after %lld ms, %zu bytes\n", (long long)(hx_now_ms() - t0), got);
   CHECK(got == 0);
   close(fd);
@@ -571,32 +497,24 @@ static void test_unauthenticated(void) {
 
 /* ---- 6. a slow client does not stall another on the same tunnel ---- */
 
+/* One echo through c; returns its latency in ms (fails the test when none within 2 s). */
 static int64_t echo_once(struct tclient *c, size_t len) {
-  uint8_t pkt[1024];
-  tc_make_packet(pkt, len, true);
-  int64_t t0 = hx_now_ms();
-  CHECK(tc_send(c, pkt, len, false) == MTP_OK);
-  struct tc_msg m;
-  int rc = tc_recv(c, MAX_ECHO_MS, &m);
-  int64_t el = hx_now_ms() - t0;
-  CHECK_MSG(rc == MTP_OK, "echo: %s after %lld ms", mtp_strerror(rc), (long long)el);
-  CHECK(m.kind == TC_PACKET && m.len == len && memcmp(m.data, pkt, len) == 0);
-  CHECK(el < MAX_ECHO_MS);
+  int64_t el;
+  int rc = hx_echo(c, len, MAX_ECHO_MS, &el);
+  CHECK_MSG(rc == MTP_OK && el < MAX_ECHO_MS, "echo: %s after %lld ms", mtp_strerror(rc), (long long)el);
   return el;
 }
 
 static void test_slow_reader(void) {
   /* front1 has one worker and one tunnel connection: A and B share it. */
   struct tclient a, b;
-  tc_init(&a);
-  tc_init(&b);
-  CHECK(tc_connect(&a, "127.0.0.1", hs.fronts[0].port, hs.secret, MTP_PROTO_ABRIDGED, 2, 5000) == MTP_OK);
-  CHECK(tc_connect(&b, "127.0.0.1", hs.fronts[0].port, hs.secret, MTP_PROTO_INTERMEDIATE, 2, 5000) == MTP_OK);
+  client_open(&a, hs.fronts[0].port, MTP_PROTO_ABRIDGED, 2);
+  client_open(&b, hs.fronts[0].port, MTP_PROTO_INTERMEDIATE, 2);
   echo_once(&a, 128);
   echo_once(&b, 128);
   struct fm_conn_info ia, ib;
-  CHECK(find_client(local_port(a.fd), &ia));
-  CHECK(find_client(local_port(b.fd), &ib));
+  CHECK(find_client(a.fd, &ia));
+  CHECK(find_client(b.fd, &ib));
   CHECK(ia.conn_id != ib.conn_id);
 
   /* Phase 1: the fake sends A less than the send budget but more than its tunnel window while A
@@ -686,10 +604,8 @@ static void test_slow_reader(void) {
 static void test_back_restart(void) {
   /* An idle client with an open stream on each front. */
   struct tclient c1, c2;
-  tc_init(&c1);
-  tc_init(&c2);
-  CHECK(tc_connect(&c1, "127.0.0.1", hs.fronts[0].port, hs.secret, MTP_PROTO_PADDED, 2, 5000) == MTP_OK);
-  CHECK(tc_connect(&c2, "127.0.0.1", hs.fronts[1].port, hs.secret, MTP_PROTO_PADDED, 2, 5000) == MTP_OK);
+  client_open(&c1, hs.fronts[0].port, MTP_PROTO_PADDED, 2);
+  client_open(&c2, hs.fronts[1].port, MTP_PROTO_PADDED, 2);
   echo_once(&c1, 256);
   echo_once(&c2, 256);
   double connects1 = hs_metric(&hs.fronts[0], "mtproxy_tunnel_connects_total");

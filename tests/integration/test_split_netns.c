@@ -34,20 +34,14 @@ static int g_root_ns = -1;      /* this thread's original network namespace */
 
 /* Runs `ip ARGS...`; returns its exit code (or -1); prints the output when it failed. */
 static int ip(char *const args[]) {
-  char *argv[16];
-  size_t n = 0;
-  argv[n++] = (char *)g_ip;
-  for (size_t i = 0; args[i] && n < 15; i++)
-    argv[n++] = args[i];
-  argv[n] = NULL;
   char *out = NULL;
   int code = -1;
-  if (hx_run(argv, 20000, &out, &code) != 0)
+  if (hx_run_cmd(g_ip, NULL, args, 20000, &out, &code) != 0)
     code = -1;
   if (code != 0) {
     fprintf(stderr, "ip");
-    for (size_t i = 1; argv[i]; i++)
-      fprintf(stderr, " %s", argv[i]);
+    for (size_t i = 0; args[i]; i++)
+      fprintf(stderr, " %s", args[i]);
     fprintf(stderr, ": exit %d: %s", code, out ? out : "\n");
   }
   mtp_free(out);

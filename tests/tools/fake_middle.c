@@ -803,6 +803,13 @@ int fm_conn_find(struct fake_middle *fm, uint64_t conn_id, struct fm_conn_info *
   return r;
 }
 
+bool fm_find_client(struct fake_middle *fm, uint16_t client_port, struct fm_conn_info *out) {
+  for (size_t i = fm_conn_count(fm); i-- > 0;)
+    if (fm_conn_at(fm, i, out) == MTP_OK && out->client_port == client_port)
+      return true;
+  return false;
+}
+
 bool fm_wait(struct fake_middle *fm, bool (*pred)(const struct fm_stats *s, void *arg), void *arg,
              int timeout_ms) {
   struct timespec dl;

@@ -112,6 +112,9 @@ size_t fm_conn_count(struct fake_middle *fm);
 int fm_conn_at(struct fake_middle *fm, size_t i, struct fm_conn_info *out);
 /* Looks a conn_id up. Returns MTP_OK or MTP_EINVAL when unknown. */
 int fm_conn_find(struct fake_middle *fm, uint64_t conn_id, struct fm_conn_info *out);
+/* The newest record of the client whose own (source) port is client_port. Returns true and *out,
+ * or false when there is none. */
+bool fm_find_client(struct fake_middle *fm, uint16_t client_port, struct fm_conn_info *out);
 
 /*
  * Waits (bounded, no polling sleeps: woken on every change) until pred(stats, arg) is true.

@@ -28,6 +28,7 @@
 #include "metrics.h"
 #include "rpc.h"
 #include "check.h"
+#include "link_front.h"
 
 static uint8_t SECRET[128];
 static uv_loop_t loop;
@@ -131,54 +132,15 @@ static const cJSON *status_dc(const cJSON *tg, int dc, bool other) {
   return NULL;
 }
 
-/* ---- a fake front ---- */
-
-struct tfront {
-  struct mtp_link *link;
-  void *stream;
-  int packets, quickacks, closes, writables;
-  int close_reason;
-  uint32_t last_token;
-  uint8_t last[64];
-  size_t last_len;
-  size_t bytes;
-  bool close_in_packet; /* calls link->close from inside on_packet */
-};
-
-static void f_packet(void *front, const uint8_t *data, size_t len) {
-  struct tfront *f = front;
-  CHECK(f->closes == 0);
-  f->packets++;
-  f->bytes += len;
-  f->last_len = len < sizeof(f->last) ? len : sizeof(f->last);
-  memcpy(f->last, data, f->last_len);
-  if (f->close_in_packet) {
-    f->link->close(f->link, f->stream);
-    f->stream = NULL;
-  }
-}
-static void f_quickack(void *front, uint32_t token) {
-  struct tfront *f = front;
-  f->quickacks++;
-  f->last_token = token;
-}
-static void f_close(void *front, int reason) {
-  struct tfront *f = front;
-  CHECK(f->closes == 0);
-  f->closes++;
-  f->close_reason = reason;
-  f->stream = NULL;
-}
-static void f_writable(void *front) { ((struct tfront *)front)->writables++; }
-static const struct mtp_link_front_ops OPS = {f_packet, f_quickack, f_close, f_writable};
+/* ---- a fake front: struct lf_front (tests/tools/link_front.h) ---- */
 
 /* ---- driving the loop ---- */
 
 static int want_packets = 1;
-static bool p_packets(void *a) { return ((struct tfront *)a)->packets >= want_packets; }
-static bool p_quickack(void *a) { return ((struct tfront *)a)->quickacks > 0; }
-static bool p_closed(void *a) { return ((struct tfront *)a)->closes > 0; }
-static bool p_writable(void *a) { return ((struct tfront *)a)->writables > 0; }
+static bool p_packets(void *a) { return ((struct lf_front *)a)->packets >= want_packets; }
+static bool p_quickack(void *a) { return ((struct lf_front *)a)->quickacks > 0; }
+static bool p_closed(void *a) { return ((struct lf_front *)a)->closes > 0; }
+static bool p_writable(void *a) { return ((struct lf_front *)a)->writables > 0; }
 static uint64_t want;
 static bool p_fm_reqs(void *a) {
   struct fm_stats st;
@@ -196,31 +158,13 @@ static bool p_fm_handshakes(void *a) {
   return st.handshakes >= want;
 }
 
-static void make_open(struct mtp_link_open *o, int dc) {
-  memset(o, 0, sizeof(*o));
-  o->dc = dc;
-  o->proto = MTP_PROTO_INTERMEDIATE;
-  struct sockaddr_in *c = (struct sockaddr_in *)&o->client_addr;
-  c->sin_family = AF_INET;
-  c->sin_port = htons(40000);
-  inet_pton(AF_INET, "10.1.2.3", &c->sin_addr);
-  struct sockaddr_in *l = (struct sockaddr_in *)&o->local_addr;
-  l->sin_family = AF_INET;
-  l->sin_port = htons(443);
-  inet_pton(AF_INET, "192.0.2.7", &l->sin_addr);
-  o->listener = "l0";
-  o->has_ad_tag = true;
-  for (int i = 0; i < 16; i++)
-    o->ad_tag[i] = (uint8_t)(0xa0 + i);
-}
-
-static struct tfront *open_front(struct mtp_link *link, int dc) {
-  struct tfront *f = calloc(1, sizeof(*f));
+static struct lf_front *open_front(struct mtp_link *link, int dc) {
+  struct lf_front *f = calloc(1, sizeof(*f));
   struct mtp_link_open o;
-  make_open(&o, dc);
+  lf_make_open(&o, dc, 40000);
   int err = 0;
   f->link = link;
-  f->stream = link->open(link, &o, f, &OPS, &err);
+  f->stream = link->open(link, &o, f, &lf_ops, &err);
   CHECK(f->stream != NULL && err == MTP_OK);
   CHECK(f->packets == 0 && f->closes == 0); /* open never calls ops */
   return f;
@@ -228,7 +172,7 @@ static struct tfront *open_front(struct mtp_link *link, int dc) {
 
 static uint8_t pkt[1044480];
 
-static int send_pkt(struct tfront *f, size_t len, uint8_t seed, bool quickack) {
+static int send_pkt(struct lf_front *f, size_t len, uint8_t seed, bool quickack) {
   memset(pkt, 0, 8); /* auth_key_id 0 */
   for (size_t i = 8; i < len; i++)
     pkt[i] = (uint8_t)(seed + i);
@@ -281,7 +225,7 @@ static void test_main_flow(void) {
   int64_t opened0 = metric(MTP_M_RPC_CONNS_OPENED), mig0 = metric(MTP_M_RPC_MIGRATIONS);
 
   /* 1. a packet while connecting, echoed back once ready */
-  struct tfront *f1 = open_front(link, 2);
+  struct lf_front *f1 = open_front(link, 2);
   CHECK(metric(MTP_M_RPC_STREAMS) == 1);
   CHECK(send_pkt(f1, 64, 1, false) == MTP_OK);
   CHECK(check_run_until(&loop, p_packets, f1, 5000));
@@ -307,7 +251,7 @@ static void test_main_flow(void) {
   want_packets = 1;
 
   /* 3. a second stream shares the connection; RPC_CLOSE_EXT closes it */
-  struct tfront *f2 = open_front(link, 2);
+  struct lf_front *f2 = open_front(link, 2);
   CHECK(send_pkt(f2, 16, 3, false) == MTP_OK);
   CHECK(check_run_until(&loop, p_packets, f2, 5000));
   struct fm_stats st;
@@ -320,7 +264,7 @@ static void test_main_flow(void) {
   CHECK(metric(MTP_M_RPC_STREAMS) == 1);
 
   /* 4. close() from inside on_packet sends RPC_CLOSE_CONN */
-  struct tfront *f3 = open_front(link, -2);
+  struct lf_front *f3 = open_front(link, -2);
   f3->close_in_packet = true;
   CHECK(send_pkt(f3, 16, 4, false) == MTP_OK);
   CHECK(check_run_until(&loop, p_packets, f3, 5000));
@@ -353,7 +297,7 @@ static void test_main_flow(void) {
   CHECK(metric(MTP_M_RPC_STREAMS) == 0);
 
   /* 7. backpressure: a stalled middle proxy fills the queue; on_writable once it drains */
-  struct tfront *f4 = open_front(link, 2);
+  struct lf_front *f4 = open_front(link, 2);
   CHECK(send_pkt(f4, 16, 7, false) == MTP_OK);
   CHECK(check_run_until(&loop, p_packets, f4, 5000));
   fm_set_mode(fm, FM_STALLED);
@@ -368,14 +312,14 @@ static void test_main_flow(void) {
   CHECK(f4->writables == 1 && f4->closes == 0);
 
   /* 8. shutdown: every stream gets SHUTDOWN, every handle closes */
-  struct tfront *f5 = open_front(link, 3);
+  struct lf_front *f5 = open_front(link, 3);
   mtp_back_worker_stop(w);
   CHECK(f4->closes == 1 && f4->close_reason == MTP_LINK_CLOSE_SHUTDOWN);
   CHECK(f5->closes == 1 && f5->close_reason == MTP_LINK_CLOSE_SHUTDOWN);
   int err = 0;
   struct mtp_link_open o;
-  make_open(&o, 2);
-  CHECK(link->open(link, &o, f5, &OPS, &err) == NULL && err == MTP_ECLOSED);
+  lf_make_open(&o, 2, 40000);
+  CHECK(link->open(link, &o, f5, &lf_ops, &err) == NULL && err == MTP_ECLOSED);
   mtp_back_stop(b);
   uv_run(&loop, UV_RUN_DEFAULT);
   CHECK(metric(MTP_M_RPC_CONNS) == 0 && metric(MTP_M_RPC_STREAMS) == 0);
@@ -409,7 +353,7 @@ static void test_no_dc(void) {
   struct mtp_back_worker *w;
   struct mtp_link *link = start(&cfg, true, 1, &b, &w);
   int64_t failed0 = metric(MTP_M_RPC_CONNS_FAILED);
-  struct tfront *f = open_front(link, 5); /* unknown DC: the default's addresses */
+  struct lf_front *f = open_front(link, 5); /* unknown DC: the default's addresses */
   CHECK(send_pkt(f, 16, 1, false) == MTP_OK);
   CHECK(check_run_until(&loop, p_closed, f, 5000));
   CHECK(f->close_reason == MTP_LINK_CLOSE_NO_DC);
@@ -428,7 +372,7 @@ static void test_handshake_timeout(void) {
   struct mtp_link *link = start(&cfg, true, 2, &b, &w);
   fm_set_mode(fm, FM_STALLED); /* accepts, never answers the nonce */
   int64_t failed0 = metric(MTP_M_RPC_CONNS_FAILED);
-  struct tfront *f = open_front(link, 2);
+  struct lf_front *f = open_front(link, 2);
   /* packets taken while not ready are bounded: FULL above 1 MiB, refused above 4 MiB */
   CHECK(send_pkt(f, sizeof(pkt), 1, false) == MTP_OK);
   CHECK(send_pkt(f, sizeof(pkt), 2, false) == MTP_LINK_FULL);
@@ -438,7 +382,7 @@ static void test_handshake_timeout(void) {
   CHECK(send_pkt(f, 6, 5, false) == MTP_EPROTO); /* not a multiple of 4 */
   /* The hard limit is per stream: a neighbour waiting for the same connection is told FULL,
    * never refused because of f's bytes. */
-  struct tfront *g = open_front(link, 2);
+  struct lf_front *g = open_front(link, 2);
   CHECK(send_pkt(g, sizeof(pkt), 6, false) == MTP_LINK_FULL);
   CHECK(check_run_until(&loop, p_closed, f, 5000));
   CHECK(check_run_until(&loop, p_closed, g, 5000));
@@ -462,7 +406,7 @@ static void test_max_clients(void) {
   fm_get_stats(fm, &st);
   unsigned acc0 = st.accepted;
   int64_t conns0 = metric(MTP_M_RPC_CONNS);
-  struct tfront *f[5];
+  struct lf_front *f[5];
   for (int i = 0; i < 5; i++)
     f[i] = open_front(link, 1);
   /* 2 + 2 + 1: three connections, the first streams waited on connecting ones */
@@ -477,7 +421,7 @@ static void test_max_clients(void) {
   CHECK(st.accepted == acc0 + 3);
   /* a closed stream frees a slot: the next one reuses a ready connection */
   f[0]->link->close(f[0]->link, f[0]->stream);
-  struct tfront *g = open_front(link, 1);
+  struct lf_front *g = open_front(link, 1);
   CHECK(metric(MTP_M_RPC_CONNS) == conns0 + 3);
   CHECK(dc_metric(b, "mtproxy_rpc_pool_growth_total", "1") == 2);
   CHECK(dc_metric(b, "mtproxy_rpc_clients_by_dc", "1") == 5);
@@ -506,7 +450,7 @@ static void test_nat_used_in_keys(void) {
   struct fm_stats st;
   fm_get_stats(fm, &st);
   unsigned bad0 = st.bad, hs0 = st.handshakes;
-  struct tfront *f = open_front(link, 2);
+  struct lf_front *f = open_front(link, 2);
   CHECK(check_run_until(&loop, p_closed, f, 5000));
   CHECK(f->close_reason == MTP_LINK_CLOSE_NO_DC);
   fm_get_stats(fm, &st);
@@ -524,12 +468,12 @@ static void test_no_config(void) {
   struct mtp_back_worker *w;
   struct mtp_link *link = start(&cfg, false, 3, &b, &w);
   struct mtp_link_open o;
-  make_open(&o, 2);
+  lf_make_open(&o, 2, 40000);
   int err = 0;
-  struct tfront f = {0};
-  CHECK(link->open(link, &o, &f, &OPS, &err) == NULL && err == MTP_ENOCONFIG); /* nothing loaded yet */
+  struct lf_front f = {0};
+  CHECK(link->open(link, &o, &f, &lf_ops, &err) == NULL && err == MTP_ENOCONFIG); /* nothing loaded yet */
   CHECK(mtp_back_wait_ready(b, 5000) == MTP_OK);
-  CHECK(link->open(link, &o, &f, &OPS, &err) == NULL && err == MTP_ENODC);
+  CHECK(link->open(link, &o, &f, &lf_ops, &err) == NULL && err == MTP_ENODC);
   stop(b, w);
 }
 
@@ -577,19 +521,19 @@ static void test_dc_stats(void) {
   cJSON_Delete(root);
 
   /* two clients on DC 2, one on DC -2: one connection each (still connecting, already counted) */
-  struct tfront *a1 = open_front(link, 2), *a2 = open_front(link, 2), *m1 = open_front(link, -2);
+  struct lf_front *a1 = open_front(link, 2), *a2 = open_front(link, 2), *m1 = open_front(link, -2);
   CHECK(dc_metric(b, "mtproxy_rpc_connections_by_dc", "2") == 1);
   CHECK(dc_metric(b, "mtproxy_rpc_connections_by_dc", "-2") == 1);
   CHECK(dc_metric(b, "mtproxy_rpc_clients_by_dc", "2") == 2);
   CHECK(dc_metric(b, "mtproxy_rpc_clients_by_dc", "-2") == 1);
   CHECK(dc_metric(b, "mtproxy_rpc_clients_by_dc", "3") == 0);
-  struct tfront *all[] = {a1, a2, m1};
+  struct lf_front *all[] = {a1, a2, m1};
   for (int i = 0; i < 3; i++) {
     CHECK(send_pkt(all[i], 16, (uint8_t)i, false) == MTP_OK);
     CHECK(check_run_until(&loop, p_packets, all[i], 5000));
   }
   /* an unlisted DC uses the default's addresses and is counted as "other" */
-  struct tfront *o1 = open_front(link, 7);
+  struct lf_front *o1 = open_front(link, 7);
   CHECK(send_pkt(o1, 16, 9, false) == MTP_OK);
   CHECK(check_run_until(&loop, p_packets, o1, 5000));
   CHECK(dc_metric(b, "mtproxy_rpc_clients_by_dc", "other") == 1);

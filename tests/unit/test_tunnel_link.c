@@ -43,6 +43,7 @@
 #include "tunnel_link.h"
 #include "tunnel_server.h"
 #include "check.h"
+#include "link_front.h"
 
 #define TOKEN(len) (0x5a000000u + (uint32_t)(len))
 #define WINDOW (256u * 1024u)
@@ -235,8 +236,7 @@ static void pattern(int idx, size_t seq, uint8_t *buf, size_t len) {
 }
 
 struct tfront {
-  struct mtp_link *link;
-  void *stream;
+  struct lf_front lf; /* first: the link delivers to it (tests/tools/link_front.h) */
   int idx;
   const size_t *sizes;
   size_t nsizes;
@@ -245,20 +245,16 @@ struct tfront {
   bool full;
   bool quickack;   /* send with quickack */
   bool no_verify;  /* do not compare echoes with what was sent */
-  bool close_in_packet; /* close the stream from inside on_packet */
-  int packets, quickacks, closes, writables, bad;
-  int close_reason;
-  uint32_t last_token;
-  size_t bytes;
+  int bad;
 };
 
 static uint8_t *scratch; /* 1 MiB + */
 
 static void tf_pump(struct tfront *f) {
-  while (f->stream != NULL && !f->full && f->next < f->nsizes) {
+  while (f->lf.stream != NULL && !f->full && f->next < f->nsizes) {
     size_t len = f->sizes[f->next];
     pattern(f->idx, f->next, scratch, len);
-    int rc = f->link->send(f->link, f->stream, scratch, len, f->quickack);
+    int rc = f->lf.link->send(f->lf.link, f->lf.stream, scratch, len, f->quickack);
     CHECK_MSG(rc >= 0, "send: %s", mtp_strerror(rc));
     f->next++;
     if (rc == MTP_LINK_FULL)
@@ -266,15 +262,9 @@ static void tf_pump(struct tfront *f) {
   }
 }
 
-static void tf_packet(void *front, const uint8_t *data, size_t len) {
-  struct tfront *f = front;
-  CHECK(f->closes == 0);
-  f->packets++;
-  f->bytes += len;
-  if (f->close_in_packet && f->stream != NULL) {
-    f->link->close(f->link, f->stream);
-    f->stream = NULL;
-  }
+/* Each echo must be the packet sent in its place. */
+static void tf_packet(struct lf_front *lf, const uint8_t *data, size_t len) {
+  struct tfront *f = (struct tfront *)lf;
   if (f->sizes != NULL && !f->no_verify) {
     if (f->recv_seq >= f->nsizes || f->sizes[f->recv_seq] != len) {
       f->bad++;
@@ -290,56 +280,24 @@ static void tf_packet(void *front, const uint8_t *data, size_t len) {
   }
 }
 
-static void tf_quickack(void *front, uint32_t token) {
-  struct tfront *f = front;
-  f->quickacks++;
-  f->last_token = token;
-}
-
-static void tf_close(void *front, int reason) {
-  struct tfront *f = front;
-  CHECK(f->closes == 0);
-  f->closes++;
-  f->close_reason = reason;
-  f->stream = NULL;
-}
-
-static void tf_writable(void *front) {
-  struct tfront *f = front;
-  f->writables++;
+static void tf_writable(struct lf_front *lf) {
+  struct tfront *f = (struct tfront *)lf;
   f->full = false;
   tf_pump(f);
 }
 
-static const struct mtp_link_front_ops TF_OPS = {tf_packet, tf_quickack, tf_close, tf_writable};
-
-static void make_open(struct mtp_link_open *o, uint16_t port) {
-  memset(o, 0, sizeof(*o));
-  o->dc = 2;
-  o->proto = MTP_PROTO_INTERMEDIATE;
-  struct sockaddr_in *c = (struct sockaddr_in *)&o->client_addr;
-  c->sin_family = AF_INET;
-  c->sin_port = htons(port);
-  inet_pton(AF_INET, "10.1.2.3", &c->sin_addr);
-  struct sockaddr_in *l = (struct sockaddr_in *)&o->local_addr;
-  l->sin_family = AF_INET;
-  l->sin_port = htons(443);
-  inet_pton(AF_INET, "192.0.2.7", &l->sin_addr);
-  o->listener = "l0";
-  o->has_ad_tag = true;
-  for (int i = 0; i < 16; i++)
-    o->ad_tag[i] = (uint8_t)(0xa0 + i);
-}
 
 static void tf_open(struct tfront *f, struct mtp_link *link, int idx, uint16_t port) {
   memset(f, 0, sizeof(*f));
-  f->link = link;
+  f->lf.link = link;
+  f->lf.packet_hook = tf_packet;
+  f->lf.writable_hook = tf_writable;
   f->idx = idx;
   struct mtp_link_open o;
-  make_open(&o, port);
+  lf_make_open(&o, 2, port);
   int err = MTP_OK;
-  f->stream = link->open(link, &o, f, &TF_OPS, &err);
-  CHECK_MSG(f->stream != NULL, "open: %s", mtp_strerror(err));
+  f->lf.stream = link->open(link, &o, f, &lf_ops, &err);
+  CHECK_MSG(f->lf.stream != NULL, "open: %s", mtp_strerror(err));
 }
 
 /* ---- loop helpers ---- */
@@ -358,11 +316,11 @@ static bool p_srv_fronts(void *a) { return mtp_tunnel_server_fronts(cur_srv) == 
 static bool p_metric_ge(void *a) { return metric(want_m) >= want_v; }
 static bool p_tf_done(void *a) {
   struct tfront *f = a;
-  return f->recv_seq >= f->nsizes || f->bad > 0 || f->closes > 0;
+  return f->recv_seq >= f->nsizes || f->bad > 0 || f->lf.closes > 0;
 }
-static bool p_tf_closed(void *a) { return ((struct tfront *)a)->closes > 0; }
-static bool p_tf_packets(void *a) { return ((struct tfront *)a)->packets >= want_n; }
-static bool p_tf_writable(void *a) { return ((struct tfront *)a)->writables > 0; }
+static bool p_tf_closed(void *a) { return ((struct tfront *)a)->lf.closes > 0; }
+static bool p_tf_packets(void *a) { return ((struct tfront *)a)->lf.packets >= want_n; }
+static bool p_tf_writable(void *a) { return ((struct tfront *)a)->lf.writables > 0; }
 static bool p_echo_closes(void *a) { return echo.closes >= want_n; }
 static bool p_echo_opens(void *a) { return echo.opens >= want_n; }
 static bool p_false(void *a) { return false; }
@@ -804,12 +762,12 @@ static void test_echo_many(void) {
   }
   for (int i = 0; i < N; i++) {
     CHECK_MSG(wait_for(p_tf_done, &f[i]), "stream %d: %zu of %zu echoes", i, f[i].recv_seq, f[i].nsizes);
-    CHECK_MSG(f[i].bad == 0 && f[i].closes == 0, "stream %d: bad %d closes %d (reason %d)", i, f[i].bad, f[i].closes,
-              f[i].close_reason);
+    CHECK_MSG(f[i].bad == 0 && f[i].lf.closes == 0, "stream %d: bad %d closes %d (reason %d)", i, f[i].bad, f[i].lf.closes,
+              f[i].lf.close_reason);
     CHECK(f[i].next == f[i].nsizes);
   }
   CHECK(metric(MTP_M_TUNNEL_STREAMS_OPENED) >= opened + 2 * N); /* front and back each count */
-  CHECK(f[0].writables > 0); /* the big packets ran out of credit at least once */
+  CHECK(f[0].lf.writables > 0); /* the big packets ran out of credit at least once */
   for (int i = 0; i < N; i++) {
     struct estream *e = echo_find((uint16_t)(1000 + i));
     CHECK(e != NULL && !e->closed && e->got > 0);
@@ -817,7 +775,7 @@ static void test_echo_many(void) {
   int closes = echo.closes;
   struct mtp_link *l = mtp_tunnel_link_get(front);
   for (int i = 0; i < N; i++)
-    l->close(l, f[i].stream);
+    l->close(l, f[i].lf.stream);
   want_n = closes + N;
   CHECK(wait_for(p_echo_closes, NULL));
   CHECK(metric(MTP_M_TUNNEL_STREAMS) == 0);
@@ -835,11 +793,11 @@ static void test_quickack_close(void) {
   f.quickack = true;
   tf_pump(&f);
   CHECK(wait_for(p_tf_done, &f));
-  CHECK(f.bad == 0 && f.quickacks == 1 && f.last_token == TOKEN(64));
+  CHECK(f.bad == 0 && f.lf.quickacks == 1 && f.lf.last_token == TOKEN(64));
   uint8_t clos[8] = {'C', 'L', 'O', 'S'};
-  CHECK(l->send(l, f.stream, clos, sizeof(clos), false) == MTP_OK);
+  CHECK(l->send(l, f.lf.stream, clos, sizeof(clos), false) == MTP_OK);
   CHECK(wait_for(p_tf_closed, &f));
-  CHECK(f.close_reason == MTP_LINK_CLOSE_NORMAL);
+  CHECK(f.lf.close_reason == MTP_LINK_CLOSE_NORMAL);
 
   /* the front closes: the link under the back sees it */
   int opens = echo.opens;
@@ -847,7 +805,7 @@ static void test_quickack_close(void) {
   want_n = opens + 1;
   CHECK(wait_for(p_echo_opens, NULL));
   int closes = echo.closes;
-  l->close(l, g.stream);
+  l->close(l, g.lf.stream);
   want_n = closes + 1;
   CHECK(wait_for(p_echo_closes, NULL));
   CHECK(echo_find(2001)->closed);
@@ -856,20 +814,20 @@ static void test_quickack_close(void) {
   tf_open(&k, l, 103, 2003);
   k.sizes = one;
   k.nsizes = 1;
-  k.close_in_packet = true;
+  k.lf.close_in_packet = true;
   tf_pump(&k);
   closes = echo.closes;
   want_n = 1;
   CHECK(wait_for(p_tf_packets, &k));
   want_n = closes + 1;
   CHECK(wait_for(p_echo_closes, NULL));
-  CHECK(k.closes == 0);
+  CHECK(k.lf.closes == 0);
 
   /* an open the back's link refuses */
   echo.refuse = 1;
   tf_open(&h, l, 102, 2002);
   CHECK(wait_for(p_tf_closed, &h));
-  CHECK(h.close_reason == MTP_LINK_CLOSE_NO_DC);
+  CHECK(h.lf.close_reason == MTP_LINK_CLOSE_NO_DC);
   echo.refuse = 0;
   CHECK(mtp_tunnel_link_up(front) == 2);
 }
@@ -898,17 +856,17 @@ static void test_credit_hold(void) {
   b.nsizes = sizeof(SMALL_SIZES) / sizeof(SMALL_SIZES[0]);
   tf_pump(&b);
   CHECK(wait_for(p_tf_done, &b));
-  CHECK(b.bad == 0 && b.closes == 0);
+  CHECK(b.bad == 0 && b.lf.closes == 0);
   run_for(100);
   CHECK_MSG(ea->got == WINDOW, "the back got %zu bytes of a held stream", ea->got);
-  CHECK(a.full && a.writables == 0 && a.closes == 0);
+  CHECK(a.full && a.lf.writables == 0 && a.lf.closes == 0);
   echo_release(ea);
   CHECK(wait_for(p_tf_writable, &a));
   want_n = 16 - 8; /* the echoes of the packets after the hold */
   CHECK(wait_for(p_tf_packets, &a));
-  CHECK(a.next == 16 && ea->got == 16 * 32768u && a.closes == 0);
-  l->close(l, a.stream);
-  l->close(l, b.stream);
+  CHECK(a.next == 16 && ea->got == 16 * 32768u && a.lf.closes == 0);
+  l->close(l, a.lf.stream);
+  l->close(l, b.lf.stream);
 }
 
 /* More than MTP_TLSUV_HIGH_WATER written in one loop iteration, within every stream's credit:
@@ -945,12 +903,12 @@ static void test_congestion(void) {
   CHECK(wait_for(p_echo_opens, NULL));
   echo.hold_new = false;
   for (int i = 0; i < N; i++) {
-    CHECK(f[i].closes == 0 && f[i].writables == (saw_full[i] ? 1 : 0));
+    CHECK(f[i].lf.closes == 0 && f[i].lf.writables == (saw_full[i] ? 1 : 0));
     struct estream *e = echo_find((uint16_t)(8000 + i));
     CHECK(e != NULL && e->got == PKT && e->owed);
   }
   for (int i = 0; i < N; i++)
-    l->close(l, f[i].stream);
+    l->close(l, f[i].lf.stream);
 }
 
 static struct mtp_tls_conf *front_tls;
@@ -1110,10 +1068,10 @@ static void test_foreign_ca(void) {
   wait_metric(MTP_M_TUNNEL_FAILS, fails + 4); /* two attempts, counted by both sides */
   CHECK(mtp_tunnel_link_up(t) == 0 && mtp_tunnel_server_fronts(srv) == 2 && echo.opens == opens);
   struct mtp_link_open o;
-  make_open(&o, 5000);
+  lf_make_open(&o, 2, 5000);
   int err = 0;
   static struct tfront f;
-  CHECK(mtp_tunnel_link_get(t)->open(mtp_tunnel_link_get(t), &o, &f, &TF_OPS, &err) == NULL);
+  CHECK(mtp_tunnel_link_get(t)->open(mtp_tunnel_link_get(t), &o, &f, &lf_ops, &err) == NULL);
   CHECK(err == MTP_ELINKDOWN);
   link_done(t);
 }
@@ -1201,7 +1159,7 @@ static void test_heartbeat(void) {
   CHECK(wait_for(p_tf_closed, &f));
   uint64_t dt = uv_now(&loop) - t0;
   CHECK_MSG(dt >= 500 && dt < 3000, "down after %llu ms", (unsigned long long)dt);
-  CHECK(f.close_reason == MTP_LINK_CLOSE_LINK_DOWN);
+  CHECK(f.lf.close_reason == MTP_LINK_CLOSE_LINK_DOWN);
   CHECK(rb.peer.pings >= 2);
   wait_metric(MTP_M_TUNNEL_FAILS, fails + 1);
   /* and it dials again */
@@ -1229,15 +1187,15 @@ static void test_reconnect(void) {
   int64_t fails = metric(MTP_M_TUNNEL_FAILS);
   srv_done(srv);
   CHECK(wait_for(p_tf_closed, &a));
-  CHECK(a.close_reason == MTP_LINK_CLOSE_LINK_DOWN);
+  CHECK(a.lf.close_reason == MTP_LINK_CLOSE_LINK_DOWN);
   CHECK(echo_find(7000)->closed);
   cur_link = front;
   CHECK(wait_for(p_link_down, NULL));
   CHECK(metric(MTP_M_TUNNEL_FAILS) == fails); /* a back saying it stops is not a failure */
   struct mtp_link_open o;
-  make_open(&o, 7001);
+  lf_make_open(&o, 2, 7001);
   int err = 0;
-  CHECK(l->open(l, &o, &b, &TF_OPS, &err) == NULL && err == MTP_ELINKDOWN);
+  CHECK(l->open(l, &o, &b, &lf_ops, &err) == NULL && err == MTP_ELINKDOWN);
   run_for(300); /* a few failed dials */
   CHECK(mtp_tunnel_link_up(front) == 0);
   uint64_t t0 = uv_now(&loop);
@@ -1251,8 +1209,8 @@ static void test_reconnect(void) {
   b.nsizes = sizeof(SMALL_SIZES) / sizeof(SMALL_SIZES[0]);
   tf_pump(&b);
   CHECK(wait_for(p_tf_done, &b));
-  CHECK(b.bad == 0 && b.closes == 0);
-  l->close(l, b.stream);
+  CHECK(b.bad == 0 && b.lf.closes == 0);
+  l->close(l, b.lf.stream);
 }
 
 static void on_guard(uv_timer_t *t) { CHECK_MSG(false, "the loop did not end: a handle was left open"); }
