@@ -1,6 +1,8 @@
 /* tclient.c - see tclient.h. */
 #include "tclient.h"
 
+#include <arpa/inet.h>
+
 #include <errno.h>
 #include <fcntl.h>
 #include <netdb.h>
@@ -47,7 +49,28 @@ void tc_close(struct tclient *c) {
   c->_in_len = c->_in_off = c->_in_cap = c->_pkt_cap = 0;
 }
 
-static int connect_bounded(const char *host, uint16_t port, int timeout_ms) {
+/* Binds fd to the numeric address src (port 0) of family fam. */
+static int bind_source(int fd, int fam, const char *src) {
+  struct sockaddr_storage ss;
+  memset(&ss, 0, sizeof(ss));
+  socklen_t len;
+  if (fam == AF_INET6) {
+    struct sockaddr_in6 *a = (struct sockaddr_in6 *)&ss;
+    a->sin6_family = AF_INET6;
+    if (inet_pton(AF_INET6, src, &a->sin6_addr) != 1)
+      return -1;
+    len = sizeof(*a);
+  } else {
+    struct sockaddr_in *a = (struct sockaddr_in *)&ss;
+    a->sin_family = AF_INET;
+    if (inet_pton(AF_INET, src, &a->sin_addr) != 1)
+      return -1;
+    len = sizeof(*a);
+  }
+  return bind(fd, (struct sockaddr *)&ss, len);
+}
+
+static int connect_bounded(const char *host, uint16_t port, const char *src, int timeout_ms) {
   struct addrinfo hints, *res = NULL;
   memset(&hints, 0, sizeof(hints));
   hints.ai_family = AF_UNSPEC;
@@ -60,6 +83,11 @@ static int connect_bounded(const char *host, uint16_t port, int timeout_ms) {
   int fd = socket(res->ai_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
   if (fd < 0) {
     freeaddrinfo(res);
+    return MTP_EIO;
+  }
+  if (src != NULL && bind_source(fd, res->ai_family, src) != 0) {
+    freeaddrinfo(res);
+    close(fd);
     return MTP_EIO;
   }
   int fl = fcntl(fd, F_GETFL);
@@ -113,9 +141,11 @@ int tc_connect(struct tclient *c, const char *host, uint16_t port, const uint8_t
                int16_t dc, int timeout_ms) {
   if (proto != MTP_PROTO_ABRIDGED && proto != MTP_PROTO_INTERMEDIATE && proto != MTP_PROTO_PADDED)
     return MTP_EINVAL;
+  const char *src = c->bind_addr;
   tc_close(c);
   tc_init(c);
-  int fd = connect_bounded(host, port, timeout_ms);
+  c->bind_addr = src;
+  int fd = connect_bounded(host, port, c->bind_addr, timeout_ms);
   if (fd < 0)
     return fd;
   c->fd = fd;
@@ -222,15 +252,17 @@ int tc_connect_tls(struct tclient *c, const char *host, uint16_t port, const uin
   if ((proto != MTP_PROTO_ABRIDGED && proto != MTP_PROTO_INTERMEDIATE && proto != MTP_PROTO_PADDED) ||
       secret == NULL || tls == NULL || tls->sni == NULL)
     return MTP_EINVAL;
+  const char *src = c->bind_addr;
   tc_close(c);
   tc_init(c);
+  c->bind_addr = src;
   int64_t deadline = now_ms() + timeout_ms;
   uint32_t ts = tls->timestamp ? tls->timestamp : (uint32_t)time(NULL);
   int n = mtp_faketls_client_hello(secret, tls->sni, ts, tls->kind, c->hello, sizeof(c->hello));
   if (n < 0)
     return n;
   c->hello_len = (size_t)n;
-  int fd = connect_bounded(host, port, timeout_ms);
+  int fd = connect_bounded(host, port, c->bind_addr, timeout_ms);
   if (fd < 0)
     return fd;
   c->fd = fd;

@@ -36,6 +36,9 @@
 struct tclient {
   int fd; /* owns: the socket, -1 when closed */
   enum mtp_proto proto;
+  /* Set before tc_connect / tc_connect_tls to send from this numeric source address (e.g.
+   * "127.0.0.2"); NULL (tc_init's value): any. Borrowed. */
+  const char *bind_addr;
   /* fake-TLS (tc_connect_tls): the ClientHello as sent (e.g. to replay it) and the size of
    * the fake certificate flight in the server's answer */
   bool tls;
