@@ -436,6 +436,8 @@ int mtp_back_wait_ready(struct mtp_back *b, uint64_t timeout_ms) {
     uv_run(b->loop, UV_RUN_NOWAIT);
   if (has_snapshot(b))
     return MTP_OK;
+  if (b->stopping)
+    return MTP_ENOCONFIG; /* stopped while waiting: nothing to report */
   mtp_log(MTP_LOG_ERROR, "no Telegram config loaded after %llu ms (secret: %s, config: %s)",
           (unsigned long long)timeout_ms, b->cfg->proxy_secret, b->cfg->proxy_config);
   return MTP_ENOCONFIG;
