@@ -16,6 +16,7 @@
 
 #include "alloc.h"
 #include "config.h"
+#include "crypto.h"
 #include "err.h"
 #include "log.h"
 #include "metrics.h"
@@ -247,16 +248,6 @@ static void respond_error_h(struct admin_conn *c, int code, const char *extra_he
 
 /* ---- request parsing helpers ---- */
 
-static int hexval(char ch) {
-  if (ch >= '0' && ch <= '9')
-    return ch - '0';
-  if (ch >= 'a' && ch <= 'f')
-    return ch - 'a' + 10;
-  if (ch >= 'A' && ch <= 'F')
-    return ch - 'A' + 10;
-  return -1;
-}
-
 /* Decodes %XX escapes of in[0..n) into out (room for n+1). Returns MTP_OK, or MTP_EINVAL for
  * a bad escape or an escaped NUL. */
 static int pct_decode(const char *in, size_t n, char *out) {
@@ -268,7 +259,7 @@ static int pct_decode(const char *in, size_t n, char *out) {
     }
     if (i + 2 >= n)
       return MTP_EINVAL;
-    int hi = hexval(in[i + 1]), lo = hexval(in[i + 2]);
+    int hi = mtp_hex_digit(in[i + 1]), lo = mtp_hex_digit(in[i + 2]);
     if (hi < 0 || lo < 0 || (hi == 0 && lo == 0))
       return MTP_EINVAL;
     out[o++] = (char)(hi << 4 | lo);

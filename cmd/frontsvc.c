@@ -46,6 +46,21 @@ static void label_escape(const char *in, char *out, size_t outlen) {
   out[o] = '\0';
 }
 
+/* The per-listener series of /metrics: one line per listener with the value of stat first,
+ * or (first < last) one per listener and outer protocol with the values first..last. */
+static const struct {
+  const char *name, *type, *help;
+  int first, last; /* enum mtp_lstat */
+} lstat_series[] = {
+    {"mtproxy_listener_client_connections", "gauge", "client connections open now, by listener", MTP_LSTAT_ACTIVE,
+     MTP_LSTAT_ACTIVE},
+    {"mtproxy_listener_connections_total", "counter", "client TCP connections accepted, by listener",
+     MTP_LSTAT_ACCEPTED, MTP_LSTAT_ACCEPTED},
+    {"mtproxy_listener_handshakes_total", "counter",
+     "successful client handshakes by listener and outer protocol (fake_tls: any framing inside)",
+     MTP_LSTAT_HS_ABRIDGED, MTP_LSTAT_HS_FAKE_TLS},
+};
+
 /* mtproxy_policy_rejects_total{rule="N"}, the replay cache's figures and the client
  * connections by listener (see frontsvc.h). */
 static char *admin_metrics(void *ctx) {
@@ -87,30 +102,19 @@ static char *admin_metrics(void *ctx) {
        "# TYPE mtproxy_replay_cache_evictions_total counter\nmtproxy_replay_cache_evictions_total %llu\n",
        (unsigned long long)st.entries, (unsigned long long)st.capacity, (unsigned long long)st.hits,
        (unsigned long long)st.evictions);
-  if (nrows > 0) {
-    char lbl[2 * 64 + 8];
-    EMIT("# HELP mtproxy_listener_client_connections client connections open now, by listener\n"
-         "# TYPE mtproxy_listener_client_connections gauge\n");
+  char lbl[2 * 64 + 8];
+  for (size_t m = 0; nrows > 0 && m < sizeof(lstat_series) / sizeof(lstat_series[0]); m++) {
+    const char *name = lstat_series[m].name;
+    EMIT("# HELP %s %s\n# TYPE %s %s\n", name, lstat_series[m].help, name, lstat_series[m].type);
     for (size_t i = 0; i < nrows; i++) {
       label_escape(rows[i].name, lbl, sizeof(lbl));
-      EMIT("mtproxy_listener_client_connections{listener=\"%s\"} %lld\n", lbl,
-           (long long)rows[i].v[MTP_LSTAT_ACTIVE]);
-    }
-    EMIT("# HELP mtproxy_listener_connections_total client TCP connections accepted, by listener\n"
-         "# TYPE mtproxy_listener_connections_total counter\n");
-    for (size_t i = 0; i < nrows; i++) {
-      label_escape(rows[i].name, lbl, sizeof(lbl));
-      EMIT("mtproxy_listener_connections_total{listener=\"%s\"} %lld\n", lbl,
-           (long long)rows[i].v[MTP_LSTAT_ACCEPTED]);
-    }
-    EMIT("# HELP mtproxy_listener_handshakes_total successful client handshakes by listener and outer protocol "
-         "(fake_tls: any framing inside)\n"
-         "# TYPE mtproxy_listener_handshakes_total counter\n");
-    for (size_t i = 0; i < nrows; i++) {
-      label_escape(rows[i].name, lbl, sizeof(lbl));
-      for (int k = MTP_LSTAT_HS_ABRIDGED; k <= MTP_LSTAT_HS_FAKE_TLS; k++)
-        EMIT("mtproxy_listener_handshakes_total{listener=\"%s\",protocol=\"%s\"} %lld\n", lbl,
-             mtp_lstat_protocol((enum mtp_lstat)k), (long long)rows[i].v[k]);
+      for (int k = lstat_series[m].first; k <= lstat_series[m].last; k++) {
+        if (lstat_series[m].first == lstat_series[m].last)
+          EMIT("%s{listener=\"%s\"} %lld\n", name, lbl, (long long)rows[i].v[k]);
+        else
+          EMIT("%s{listener=\"%s\",protocol=\"%s\"} %lld\n", name, lbl, mtp_lstat_protocol((enum mtp_lstat)k),
+               (long long)rows[i].v[k]);
+      }
     }
   }
 #undef EMIT

@@ -9,15 +9,17 @@
  * at once is copied into a write request of exactly that size, so a connection holds at most
  * about SPLICE_HIGH queued bytes per direction plus one read.
  *
+ * The target is resolved and dialled by shared/dial.c (one address after another, those that
+ * are the proxy itself passed over); the target handle is the connection's once connected.
+ *
  * Close safety: fconn_close() may run inside any callback. It only changes the state, cancels
- * the resolver request and starts uv_close on the handles; the memory goes when the last of
- * them (and the resolver callback) has reported back. Write, connect and shutdown requests
- * report before their handle's close callback, so they may still look at the connection.
+ * the dial and starts uv_close on the handles; the memory goes when the last of them (and the
+ * dial's callback) has reported back. Write and shutdown requests report before their
+ * handle's close callback, so they may still look at the connection.
  */
 #include "fronting.h"
 
 #include <arpa/inet.h>
-#include <netdb.h>
 #include <netinet/in.h>
 #include <stdbool.h>
 #include <stdio.h>
@@ -25,6 +27,7 @@
 #include <unistd.h>
 
 #include "alloc.h"
+#include "dial.h"
 #include "err.h"
 #include "log.h"
 #include "metrics.h"
@@ -37,29 +40,12 @@
 #define SPLICE_LOW (64u * 1024u)
 /* The one read buffer of a worker: the most one read callback moves. */
 #define SPLICE_READ_BUF (64u * 1024u)
-/* The longest host name we dial (DNS limit, as for SNI). */
-#define FRONT_MAX_HOST 255
 
 enum fconn_state {
-  F_RESOLVE, /* waiting for uv_getaddrinfo of the target host */
-  F_CONNECT, /* waiting for the target's TCP connect (connect deadline) */
+  F_DIAL,    /* resolving and connecting to the target (c->dial; connect deadline) */
   F_SPLICE,  /* copying bytes both ways (idle timer) */
   F_CLOSING, /* handles closing; the last close callback frees the connection */
 };
-
-static const char *fconn_state_str(enum fconn_state st) {
-  switch (st) {
-  case F_RESOLVE:
-    return "resolve";
-  case F_CONNECT:
-    return "connect";
-  case F_SPLICE:
-    return "splice";
-  case F_CLOSING:
-    return "closing";
-  }
-  return "?";
-}
 
 /* One end of a fronted connection. */
 struct side {
@@ -75,28 +61,30 @@ struct fconn {
   struct mtp_fronting *f;    /* borrows */
   struct fconn *prev, *next; /* in f->conns */
   enum fconn_state state;
-  struct side client, target;
-  uv_timer_t timer; /* connect deadline, then idle timer */
-  uv_getaddrinfo_t gai;
-  uv_connect_t connect_req;
-  int refs; /* open handles + the pending resolver request */
-  bool gai_pending;
-  bool retry_connect;       /* the target handle is closing to try the next address */
-  struct addrinfo *ai;      /* owns (uv_freeaddrinfo): the resolved addresses */
-  struct addrinfo *next_ai; /* borrows (into ai): the next address to try */
-  size_t nself;             /* resolved addresses refused as the proxy itself */
-  uint8_t *pre;             /* owns: the client's bytes already read; written first */
+  struct side client, target; /* target.tcp belongs to dial until it has connected */
+  uv_timer_t timer;           /* connect deadline, then idle timer */
+  struct mtp_dial dial;       /* the target (host, port, the address dialled) */
+  int refs;                   /* open handles + the running dial */
+  uint8_t *pre;               /* owns: the client's bytes already read; written first */
   size_t prelen;
   uint64_t idle_ms;             /* fronting_idle_timeout when the connection started */
   uint64_t last_active;         /* uv_now() at the last byte either way */
   uint64_t bytes_in, bytes_out; /* client->target, target->client */
-  char host[FRONT_MAX_HOST + 1];
-  uint16_t port;
-  char hostport[FRONT_MAX_HOST + 10]; /* "host:port" or "[v6]:port", for logs */
-  char addr_str[64];                  /* the address being dialled, for logs */
-  char where[32];                     /* listener name (copied: the caller's string is borrowed) */
+  char where[32];               /* listener name (copied: the caller's string is borrowed) */
   struct mtp_log_ctx log;
 };
+
+static const char *fconn_state_str(const struct fconn *c) {
+  switch (c->state) {
+  case F_DIAL:
+    return mtp_dial_state_str(&c->dial);
+  case F_SPLICE:
+    return "splice";
+  case F_CLOSING:
+    return "closing";
+  }
+  return "?";
+}
 
 /* The settings in force: a copy of what fronting needs from the configuration and the
  * proxy's own addresses, replaced whole by mtp_fronting_reconfigure. Connections read it when
@@ -136,16 +124,6 @@ static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf);
 static void on_read(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf);
 static void on_timer(uv_timer_t *t);
 static void on_handle_closed(uv_handle_t *h);
-static void connect_next(struct fconn *c);
-
-static uint64_t seconds_to_ms(double s) {
-  if (!(s > 0))
-    return 1;
-  double ms = s * 1000.0 + 0.5;
-  if (ms > 1e15)
-    return (uint64_t)1e15;
-  return ms < 1 ? 1 : (uint64_t)ms;
-}
 
 /* ---- the loop check ---- */
 
@@ -262,9 +240,6 @@ static void fconn_free(struct fconn *c) {
   if (c->next != NULL)
     c->next->prev = c->prev;
   f->nconns--;
-  if (c->ai != NULL)
-    uv_freeaddrinfo(c->ai);
-  c->ai = NULL;
   mtp_free(c->pre);
   c->pre = NULL;
   mtp_free(c);
@@ -281,17 +256,16 @@ static void side_close(struct fconn *c, struct side *s, bool reset) {
   uv_close((uv_handle_t *)&s->tcp, on_handle_closed);
 }
 
-/* Ends the connection: cancels the resolver, closes every handle. Safe inside any callback;
+/* Ends the connection: cancels the dial, closes every handle. Safe inside any callback;
  * idempotent. reset: close the sockets with an RST (the other side reset). */
 static void fconn_close(struct fconn *c, const char *why, bool reset) {
   if (c->state == F_CLOSING)
     return;
-  mtp_debugc(&c->log, "fronted connection closing in state %s: %s (%llu bytes in, %llu out)", fconn_state_str(c->state),
+  mtp_debugc(&c->log, "fronted connection closing in state %s: %s (%llu bytes in, %llu out)", fconn_state_str(c),
              why, (unsigned long long)c->bytes_in, (unsigned long long)c->bytes_out);
   c->state = F_CLOSING;
   mtp_metric_add(MTP_M_FRONTED_ACTIVE, -1);
-  if (c->gai_pending)
-    uv_cancel((uv_req_t *)&c->gai);
+  mtp_dial_cancel(&c->dial);
   side_close(c, &c->client, reset);
   side_close(c, &c->target, reset);
   uv_close((uv_handle_t *)&c->timer, on_handle_closed);
@@ -300,7 +274,7 @@ static void fconn_close(struct fconn *c, const char *why, bool reset) {
 /* Fronting could not start: counted as a failure, logged with why. */
 static void fconn_fail(struct fconn *c, const char *why) {
   MTP_COUNT(FRONTED_FAILED);
-  mtp_logc(&c->log, MTP_LOG_INFO, "fronting to %s failed: %s", c->hostport, why);
+  mtp_logc(&c->log, MTP_LOG_INFO, "fronting to %s failed: %s", c->dial.hostport, why);
   fconn_close(c, why, false);
 }
 
@@ -312,13 +286,6 @@ static void maybe_free(struct fconn *c) {
 static void on_handle_closed(uv_handle_t *h) {
   struct fconn *c = h->data;
   c->refs--;
-  if (h == (uv_handle_t *)&c->target.tcp && c->retry_connect) {
-    c->retry_connect = false;
-    if (c->state == F_CONNECT) {
-      connect_next(c);
-      return;
-    }
-  }
   maybe_free(c);
 }
 
@@ -494,8 +461,7 @@ static void on_read(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf) {
 static void on_timer(uv_timer_t *t) {
   struct fconn *c = t->data;
   switch (c->state) {
-  case F_RESOLVE:
-  case F_CONNECT:
+  case F_DIAL:
     fconn_fail(c, "connect timed out");
     return;
   case F_SPLICE: {
@@ -516,26 +482,23 @@ static void on_timer(uv_timer_t *t) {
 
 /* ---- resolve and connect ---- */
 
-static void on_connected(uv_connect_t *req, int status) {
-  struct fconn *c = req->data;
-  if (c->state != F_CONNECT)
-    return;
-  if (status < 0) {
-    mtp_debugc(&c->log, "fronting: connect to %s failed: %s", c->addr_str, uv_strerror(status));
-    if (c->next_ai == NULL) {
-      char why[128];
-      snprintf(why, sizeof(why), "connect to %s: %s", c->addr_str, uv_strerror(status));
-      fconn_fail(c, why);
-      return;
-    }
-    /* Try the next address on a fresh handle once this one is closed. */
-    c->retry_connect = true;
-    side_close(c, &c->target, false);
+/* The dial is over: connected (splicing starts), failed or cancelled (fconn_close). */
+static void on_dialled(struct mtp_dial *d, int status, const char *why) {
+  struct fconn *c = d->data;
+  c->refs--;
+  if (c->state != F_DIAL) {
+    maybe_free(c);
     return;
   }
+  if (status < 0) {
+    fconn_fail(c, status == MTP_ENOTFOUND && d->nskipped > 0 ? "the target is the proxy itself (loop refused)" : why);
+    return;
+  }
+  c->target.open = true;
+  c->refs++;
   c->state = F_SPLICE;
   MTP_COUNT(FRONTED_TOTAL);
-  mtp_logc(&c->log, MTP_LOG_INFO, "fronting to %s (%s), %zu bytes already read", c->hostport, c->addr_str, c->prelen);
+  mtp_logc(&c->log, MTP_LOG_INFO, "fronting to %s (%s), %zu bytes already read", d->hostport, d->addr_str, c->prelen);
   uv_tcp_nodelay(&c->target.tcp, 1);
   c->last_active = uv_now(c->f->loop);
   uv_timer_stop(&c->timer);
@@ -552,74 +515,15 @@ static void on_connected(uv_connect_t *req, int status) {
   update_reading(c);
 }
 
-static void format_sockaddr(const struct sockaddr *a, char *out, size_t outlen) {
-  struct sockaddr_storage ss;
-  memset(&ss, 0, sizeof(ss));
-  memcpy(&ss, a, a->sa_family == AF_INET6 ? sizeof(struct sockaddr_in6) : sizeof(struct sockaddr_in));
-  mtp_format_addr(&ss, out, outlen);
-}
-
-/* Dials the next resolved address that is not the proxy itself; fails the connection when
- * none is left. */
-static void connect_next(struct fconn *c) {
-  while (c->next_ai != NULL) {
-    struct addrinfo *ai = c->next_ai;
-    c->next_ai = ai->ai_next;
-    if (ai->ai_family != AF_INET && ai->ai_family != AF_INET6)
-      continue;
-    format_sockaddr(ai->ai_addr, c->addr_str, sizeof(c->addr_str));
-    if (mtp_fronting_is_self(c->f, ai->ai_addr)) {
-      mtp_logc(&c->log, MTP_LOG_INFO, "fronting: %s resolves to %s, the proxy itself; not dialling it", c->hostport,
-               c->addr_str);
-      c->nself++;
-      continue;
-    }
-    int r = uv_tcp_init(c->f->loop, &c->target.tcp);
-    if (r < 0) {
-      fconn_fail(c, uv_strerror(r));
-      return;
-    }
-    c->target.tcp.data = c;
-    c->target.open = true;
-    c->refs++;
-    c->connect_req.data = c;
-    r = uv_tcp_connect(&c->connect_req, &c->target.tcp, ai->ai_addr, on_connected);
-    if (r < 0) {
-      /* A synchronous failure (e.g. no route, no IPv6): move on like an async one. */
-      mtp_debugc(&c->log, "fronting: connect to %s failed: %s", c->addr_str, uv_strerror(r));
-      c->retry_connect = c->next_ai != NULL;
-      side_close(c, &c->target, false);
-      if (!c->retry_connect) {
-        char why[128];
-        snprintf(why, sizeof(why), "connect to %s: %s", c->addr_str, uv_strerror(r));
-        fconn_fail(c, why);
-      }
-    }
-    return;
-  }
-  fconn_fail(c, c->nself > 0 ? "the target is the proxy itself (loop refused)" : "no usable address");
-}
-
-static void on_resolved(uv_getaddrinfo_t *req, int status, struct addrinfo *res) {
-  struct fconn *c = req->data;
-  c->gai_pending = false;
-  c->refs--;
-  if (c->state != F_RESOLVE) {
-    if (res != NULL)
-      uv_freeaddrinfo(res);
-    maybe_free(c);
-    return;
-  }
-  if (status < 0) {
-    char why[128];
-    snprintf(why, sizeof(why), "cannot resolve: %s", uv_strerror(status));
-    fconn_fail(c, why);
-    return;
-  }
-  c->ai = res;
-  c->next_ai = res;
-  c->state = F_CONNECT;
-  connect_next(c);
+/* A resolved address of the target that is the proxy itself is never dialled (checked
+ * against the own addresses in force now: a reload may have added a listener). */
+static bool skip_self(struct mtp_dial *d, const struct sockaddr *addr) {
+  struct fconn *c = d->data;
+  if (!mtp_fronting_is_self(c->f, addr))
+    return false;
+  mtp_logc(&c->log, MTP_LOG_INFO, "fronting: %s resolves to %s, the proxy itself; not dialling it", d->hostport,
+           d->addr_str);
+  return true;
 }
 
 /* ---- settings ---- */
@@ -697,28 +601,6 @@ int mtp_fronting_reconfigure(struct mtp_fronting *f, const struct mtp_config *cf
   return MTP_OK;
 }
 
-/* "host:port", or "[host]:port" for an IPv6 literal, for logs. */
-static void format_hostport(const char *host, uint16_t port, char *out, size_t outlen) {
-  if (strchr(host, ':') != NULL)
-    snprintf(out, outlen, "[%s]:%u", host, (unsigned)port);
-  else
-    snprintf(out, outlen, "%s:%u", host, (unsigned)port);
-}
-
-/* Copies host into out without IPv6 brackets; false when empty or too long. */
-static bool copy_host(const char *host, char *out, size_t outlen) {
-  size_t n = host != NULL ? strlen(host) : 0;
-  if (n >= 2 && host[0] == '[' && host[n - 1] == ']') {
-    host++;
-    n -= 2;
-  }
-  if (n == 0 || n >= outlen)
-    return false;
-  memcpy(out, host, n);
-  out[n] = '\0';
-  return true;
-}
-
 int mtp_fronting_start(struct mtp_fronting *f, uv_os_sock_t fd, const char *sni, const uint8_t *pre, size_t prelen,
                        unsigned long long log_id, const char *peer, const char *listener) {
   if (f == NULL || f->conf.mode == MTP_FRONTING_OFF || f->stopping) {
@@ -740,17 +622,9 @@ int mtp_fronting_start(struct mtp_fronting *f, uv_os_sock_t fd, const char *sni,
   }
   /* The settings in force now are this connection's for its whole life. */
   const struct fconf *conf = &f->conf;
-  c->idle_ms = seconds_to_ms(conf->idle_timeout);
-  bool host_ok;
-  if (conf->mode == MTP_FRONTING_SNI) {
-    host_ok = copy_host(sni, c->host, sizeof(c->host));
-    c->port = 443;
-  } else {
-    host_ok = copy_host(conf->host, c->host, sizeof(c->host));
-    c->port = conf->port;
-  }
-  format_hostport(c->host, c->port, c->hostport, sizeof(c->hostport));
-  if (!host_ok || c->port == 0) {
+  c->idle_ms = mtp_config_ms(conf->idle_timeout);
+  bool sni_mode = conf->mode == MTP_FRONTING_SNI;
+  if (!mtp_dial_set_target(&c->dial, sni_mode ? sni : conf->host, sni_mode ? 443 : conf->port)) {
     mtp_logc(&c->log, MTP_LOG_INFO, "fronting failed: %s",
              conf->mode == MTP_FRONTING_SNI ? "no SNI to front to" : "no fronting host configured");
     MTP_COUNT(FRONTED_FAILED);
@@ -771,7 +645,7 @@ int mtp_fronting_start(struct mtp_fronting *f, uv_os_sock_t fd, const char *sni,
   }
 
   /* From here on the connection is on the loop and ends through fconn_close. */
-  c->state = F_RESOLVE;
+  c->state = F_DIAL;
   c->next = f->conns;
   if (f->conns != NULL)
     f->conns->prev = c;
@@ -794,24 +668,18 @@ int mtp_fronting_start(struct mtp_fronting *f, uv_os_sock_t fd, const char *sni,
     return r;
   }
   uv_tcp_nodelay(&c->client.tcp, 1);
-  uv_timer_start(&c->timer, on_timer, seconds_to_ms(conf->connect_timeout), 0);
+  uv_timer_start(&c->timer, on_timer, mtp_config_ms(conf->connect_timeout), 0);
 
-  char port[8];
-  snprintf(port, sizeof(port), "%u", (unsigned)c->port);
-  struct addrinfo hints;
-  memset(&hints, 0, sizeof(hints));
-  hints.ai_family = AF_UNSPEC;
-  hints.ai_socktype = SOCK_STREAM;
-  hints.ai_protocol = IPPROTO_TCP;
-  c->gai.data = c;
-  r = uv_getaddrinfo(f->loop, &c->gai, on_resolved, c->host, port, &hints);
+  c->dial.data = c;
+  c->dial.log = &c->log;
+  c->dial.what = "fronting";
+  r = mtp_dial_start(&c->dial, f->loop, &c->target.tcp, on_dialled, skip_self);
   if (r < 0) {
     char why[128];
     snprintf(why, sizeof(why), "cannot resolve: %s", uv_strerror(r));
     fconn_fail(c, why);
     return r; /* fd belongs to the handle now and is closed with it */
   }
-  c->gai_pending = true;
   c->refs++;
   return MTP_OK;
 }

@@ -250,13 +250,14 @@ static int sm_sorted_keys(const struct strmap *m, const char ***out) {
 /* Values: table entries and key values share one normal form. */
 
 /* How a table's entries are normalised: by the kinds of key the rules use it with (a set of
- * these bits; the same kinds and checks as config.c applies to the config's entries). */
+ * these bits, config.h's MTP_PENTRY_*: the same kinds as config.c checks the config's entries
+ * for). */
 enum {
-  TK_ANY = 0,         /* no rule uses the table: IPs canonicalised, other text kept as is */
-  TK_LISTENER = 1,    /* listener names, as is */
-  TK_DOMAIN = 2,      /* host names; lower-cased when no listener key uses the table too */
-  TK_V4 = 4,          /* IPv4 addresses and subnets, canonical */
-  TK_V6 = 8,          /* IPv6 addresses and subnets, canonical (IPv4-mapped ones become IPv4) */
+  TK_ANY = 0,                        /* no rule uses the table: IPs canonicalised, other text kept as is */
+  TK_LISTENER = MTP_PENTRY_NAME,     /* listener names, as is */
+  TK_DOMAIN = MTP_PENTRY_DOMAIN,     /* host names; lower-cased when no listener key uses the table too */
+  TK_V4 = MTP_PENTRY_V4,             /* IPv4 addresses and subnets, canonical */
+  TK_V6 = MTP_PENTRY_V6,             /* IPv6 addresses and subnets, canonical (IPv4-mapped ones become IPv4) */
 };
 
 /* "an IPv4 address or subnet or a host name" etc. for errors. */
@@ -273,20 +274,6 @@ static const char *tkind_what(unsigned k, char *buf, size_t len) {
   if (k == TK_ANY)
     snprintf(buf, len, "1..255 printable characters without spaces");
   return buf;
-}
-
-static unsigned key_tkind(enum mtp_policy_key k) {
-  switch (k) {
-  case MTP_PKEY_LISTENER:
-    return TK_LISTENER;
-  case MTP_PKEY_TLS_DOMAIN:
-    return TK_DOMAIN;
-  case MTP_PKEY_CLIENT_IPV4:
-  case MTP_PKEY_IPV4_SUBNET:
-    return TK_V4;
-  default:
-    return TK_V6;
-  }
 }
 
 /* An IP entry's META: family (4 or 6) << 8 | prefix length; 0 for other entries. */
@@ -321,44 +308,17 @@ static size_t format_ip(int fam, const uint8_t *addr, int pfx, char *out, size_t
  * them) becomes IPv4. Writes the canonical text; *written_fam is the family as written (4 or
  * 6, before the mapped-address rewrite). Returns MTP_OK or MTP_EINVAL. */
 static int norm_ip(const char *in, char *out, size_t outlen, uint64_t *meta, int *written_fam) {
-  char buf[INET6_ADDRSTRLEN + 8];
-  size_t len = strlen(in);
-  if (len == 0 || len >= sizeof(buf))
-    return MTP_EINVAL;
-  memcpy(buf, in, len + 1);
-  int pfx = -1;
-  char *slash = strchr(buf, '/');
-  if (slash != NULL) {
-    *slash = '\0';
-    const char *d = slash + 1;
-    size_t nd = strlen(d);
-    if (nd == 0 || nd > 3 || strspn(d, "0123456789") != nd)
-      return MTP_EINVAL;
-    pfx = atoi(d);
-  }
   uint8_t a[16];
-  int fam;
-  if (inet_pton(AF_INET, buf, a) == 1) {
-    fam = 4;
-    if (pfx > 32)
-      return MTP_EINVAL;
-    if (pfx < 0)
-      pfx = 32;
-  } else if (inet_pton(AF_INET6, buf, a) == 1) {
-    fam = 6;
-    if (pfx > 128)
-      return MTP_EINVAL;
-    if (pfx < 0)
-      pfx = 128;
-    if (IN6_IS_ADDR_V4MAPPED((struct in6_addr *)a) && pfx >= 96) {
-      fam = 4;
-      memmove(a, a + 12, 4);
-      pfx -= 96;
-    }
-  } else {
+  int af, pfx;
+  if (mtp_parse_ip_prefix(in, &af, a, &pfx) != MTP_OK)
     return MTP_EINVAL;
+  int fam = af == AF_INET ? 4 : 6;
+  *written_fam = fam;
+  if (fam == 6 && IN6_IS_ADDR_V4MAPPED((struct in6_addr *)a) && pfx >= 96) {
+    fam = 4;
+    memmove(a, a + 12, 4);
+    pfx -= 96;
   }
-  *written_fam = strchr(buf, ':') != NULL ? 6 : 4;
   format_ip(fam, a, pfx, out, outlen);
   *meta = META(fam, pfx);
   return MTP_OK;
@@ -921,7 +881,7 @@ static int check_config(const struct mtp_config *cfg, unsigned *kinds, char *err
       snprintf(err, errlen, "policy[%zu]: table '%.80s' is not defined in tables", i, r->table ? r->table : "");
       return MTP_EINVAL;
     }
-    kinds[t] |= key_tkind(r->keys[0].key);
+    kinds[t] |= mtp_policy_key_entry(r->keys[0].key);
   }
   return MTP_OK;
 }

@@ -179,17 +179,6 @@ static void tls_hello_drop(struct mtp_session *s) {
   s->hello = NULL;
 }
 
-static uint64_t seconds_to_ms(double s) {
-  if (!(s > 0))
-    return 1;
-  double ms = s * 1000.0 + 0.5;
-  if (ms < 1)
-    return 1;
-  if (ms > 1e15)
-    return (uint64_t)1e15;
-  return (uint64_t)ms;
-}
-
 /* The one predicate deciding whether we read from the client. */
 static bool session_may_read(const struct mtp_session *s) {
   switch (s->state) {
@@ -245,7 +234,7 @@ static bool session_start_flush(struct mtp_session *s) {
   s->state = S_FLUSH;
   session_update_reading(s);
   uv_timer_stop(&s->timer);
-  uv_timer_start(&s->timer, on_timer, seconds_to_ms(s->cfg->handshake_timeout), 0);
+  uv_timer_start(&s->timer, on_timer, mtp_config_ms(s->cfg->handshake_timeout), 0);
   return true;
 }
 
@@ -709,7 +698,7 @@ static bool session_handshake(struct mtp_session *s) {
   s->stream = stream;
   s->state = S_RELAY;
   uv_timer_stop(&s->timer);
-  uv_timer_start(&s->timer, on_timer, seconds_to_ms(s->cfg->idle_timeout), 0);
+  uv_timer_start(&s->timer, on_timer, mtp_config_ms(s->cfg->idle_timeout), 0);
   mtp_debugc(&s->log, "handshake ok: %s%s, dc %d, secret #%d", s->tls ? "fake-TLS + " : "",
              mtp_proto_name(res.proto), res.dc, res.secret_index);
   return true;
@@ -1052,7 +1041,7 @@ static void on_timer(uv_timer_t *t) {
     session_close(s, NO_METRIC, false, "end of discarding");
     return;
   case S_RELAY: {
-    uint64_t idle = seconds_to_ms(s->cfg->idle_timeout);
+    uint64_t idle = mtp_config_ms(s->cfg->idle_timeout);
     uint64_t quiet = uv_now(s->fc->loop) - s->last_active;
     if (quiet < idle) {
       uv_timer_start(&s->timer, on_timer, idle - quiet, 0);
@@ -1121,7 +1110,7 @@ int mtp_session_accept(struct mtp_front_ctx *fc, uv_stream_t *server, const stru
   else
     snprintf(s->log.peer, sizeof(s->log.peer), "?");
   s->last_active = uv_now(fc->loop);
-  uv_timer_start(&s->timer, on_timer, seconds_to_ms(s->cfg->handshake_timeout), 0);
+  uv_timer_start(&s->timer, on_timer, mtp_config_ms(s->cfg->handshake_timeout), 0);
   mtp_debugc(&s->log, "accepted");
   session_update_reading(s);
   return MTP_OK;

@@ -4,7 +4,7 @@
  *
  * One probe per domain at a time, on the main loop:
  *
- *   RESOLVE (uv_getaddrinfo) ──► CONNECT (each address in turn) ──► READ ──► CLOSING
+ *   DIAL (shared/dial.c: resolve, then each address in turn) ──► READ ──► CLOSING
  *                                                                    │ ServerHello, CCS,
  *                                                                    │ ApplicationData...
  *                                                                    ▼
@@ -30,8 +30,6 @@
  */
 #include "tlsprobe.h"
 
-#include <netdb.h>
-#include <netinet/in.h>
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stdint.h>
@@ -41,6 +39,7 @@
 
 #include "alloc.h"
 #include "crypto.h"
+#include "dial.h"
 #include "err.h"
 #include "faketls.h"
 #include "log.h"
@@ -53,11 +52,9 @@
 /* A random flight size until one is learnt: the range real certificate chains fall in. */
 #define FLIGHT_RANDOM_MIN 2500
 #define FLIGHT_RANDOM_MAX 4600
-#define PROBE_MAX_HOST 255
 
 enum probe_state {
-  P_RESOLVE, /* waiting for uv_getaddrinfo of the target */
-  P_CONNECT, /* waiting for the TCP connect (connect deadline) */
+  P_DIAL,    /* resolving the target and connecting to it (q->dial; connect deadline) */
   P_READ,    /* hello sent; reading the server's records (read deadline, then quiet timer) */
   P_CLOSING, /* handles closing; the last callback frees the probe */
 };
@@ -80,21 +77,12 @@ struct probe {
   struct mtp_tlsprobe *p; /* borrows */
   struct pdomain *d;      /* borrows: its domain in the current table; NULL once detached */
   enum probe_state state;
-  uv_getaddrinfo_t gai;
-  uv_connect_t connect_req;
+  struct mtp_dial dial; /* the target (host, port); tcp is its handle until connected */
   uv_write_t write_req;
   uv_tcp_t tcp;
   uv_timer_t timer;
-  int refs; /* open handles + the pending resolver request */
-  bool gai_pending;
-  bool tcp_open;            /* tcp initialised and not yet uv_close'd */
-  bool retry_connect;       /* tcp is closing so that the next address can be tried */
-  struct addrinfo *ai;      /* owns (uv_freeaddrinfo) */
-  struct addrinfo *next_ai; /* borrows (into ai) */
-  char host[PROBE_MAX_HOST + 1];
-  uint16_t port;
-  char hostport[PROBE_MAX_HOST + 10]; /* "host:port" or "[v6]:port", for logs */
-  char addr_str[64];
+  int refs;      /* open handles + the running dial */
+  bool tcp_open; /* tcp connected (ours) and not yet uv_close'd */
   /* the record reader */
   uint8_t hdr[MTP_FAKETLS_RECORD_HEADER];
   size_t hdr_got; /* header bytes of the current record so far */
@@ -131,16 +119,6 @@ static struct dtable *cur_table(const struct mtp_tlsprobe *p) {
 }
 
 static void on_handle_closed(uv_handle_t *h);
-static void connect_next(struct probe *q);
-
-static uint64_t seconds_to_ms(double s) {
-  if (!(s > 0))
-    return 1;
-  double ms = s * 1000.0 + 0.5;
-  if (ms > 1e15)
-    return (uint64_t)1e15;
-  return ms < 1 ? 1 : (uint64_t)ms;
-}
 
 static size_t clamp_flight(size_t n) {
   if (n < 1)
@@ -155,8 +133,6 @@ static void probe_free(struct probe *q) {
   if (q->d != NULL && q->d->running == q)
     q->d->running = NULL;
   p->nprobes--;
-  if (q->ai != NULL)
-    uv_freeaddrinfo(q->ai);
   mtp_free(q);
 }
 
@@ -169,8 +145,7 @@ static void probe_close(struct probe *q) {
   if (q->state == P_CLOSING)
     return;
   q->state = P_CLOSING;
-  if (q->gai_pending)
-    uv_cancel((uv_req_t *)&q->gai);
+  mtp_dial_cancel(&q->dial);
   if (q->tcp_open) {
     q->tcp_open = false;
     uv_close((uv_handle_t *)&q->tcp, on_handle_closed);
@@ -182,7 +157,7 @@ static void probe_fail(struct probe *q, const char *why) {
   if (q->state == P_CLOSING)
     return;
   MTP_COUNT(TLS_PROBE_FAIL);
-  mtp_log(MTP_LOG_WARN, "tls probe %s via %s failed: %s", q->d->name, q->hostport, why);
+  mtp_log(MTP_LOG_WARN, "tls probe %s via %s failed: %s", q->d->name, q->dial.hostport, why);
   probe_close(q);
 }
 
@@ -190,20 +165,13 @@ static void probe_done(struct probe *q) {
   size_t n = clamp_flight(q->flight);
   atomic_store_explicit(&q->d->learnt, n, memory_order_relaxed);
   MTP_COUNT(TLS_PROBE_OK);
-  mtp_log(MTP_LOG_INFO, "tls probe %s via %s: flight %zu bytes", q->d->name, q->hostport, n);
+  mtp_log(MTP_LOG_INFO, "tls probe %s via %s: flight %zu bytes", q->d->name, q->dial.hostport, n);
   probe_close(q);
 }
 
 static void on_handle_closed(uv_handle_t *h) {
   struct probe *q = h->data;
   q->refs--;
-  if (h == (uv_handle_t *)&q->tcp && q->retry_connect) {
-    q->retry_connect = false;
-    if (q->state == P_CONNECT) {
-      connect_next(q);
-      return;
-    }
-  }
   maybe_free(q);
 }
 
@@ -295,8 +263,7 @@ static int feed_records(struct probe *q, const uint8_t *in, size_t len, const ch
 static void on_timer(uv_timer_t *t) {
   struct probe *q = t->data;
   switch (q->state) {
-  case P_RESOLVE:
-  case P_CONNECT:
+  case P_DIAL:
     probe_fail(q, "connect timed out");
     return;
   case P_READ:
@@ -343,7 +310,7 @@ static void on_read(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf) {
   if (q->nappdata > 0 && at_record_boundary(q))
     uv_timer_start(&q->timer, on_timer, PROBE_QUIET_MS, 0);
   else
-    uv_timer_start(&q->timer, on_timer, seconds_to_ms(q->p->connect_timeout), 0);
+    uv_timer_start(&q->timer, on_timer, mtp_config_ms(q->p->connect_timeout), 0);
 }
 
 /* ---- connect and send the hello ---- */
@@ -357,22 +324,20 @@ static void on_hello_written(uv_write_t *req, int status) {
   probe_fail(q, why);
 }
 
-static void on_connected(uv_connect_t *req, int status) {
-  struct probe *q = req->data;
-  if (q->state != P_CONNECT)
-    return;
-  if (status < 0) {
-    if (q->next_ai == NULL) {
-      char why[128];
-      snprintf(why, sizeof(why), "connect to %s: %s", q->addr_str, uv_strerror(status));
-      probe_fail(q, why);
-      return;
-    }
-    q->retry_connect = true;
-    q->tcp_open = false;
-    uv_close((uv_handle_t *)&q->tcp, on_handle_closed);
+/* The dial is over: connected (the hello goes out), failed or cancelled (probe_close). */
+static void on_dialled(struct mtp_dial *dial, int status, const char *why) {
+  struct probe *q = dial->data;
+  q->refs--;
+  if (q->state != P_DIAL) {
+    maybe_free(q);
     return;
   }
+  if (status < 0) {
+    probe_fail(q, why);
+    return;
+  }
+  q->tcp_open = true;
+  q->refs++;
   q->state = P_READ;
   uint8_t secret[16];
   int n = mtp_random(secret, sizeof(secret));
@@ -394,90 +359,7 @@ static void on_connected(uv_connect_t *req, int status) {
     return;
   }
   uv_timer_stop(&q->timer);
-  uv_timer_start(&q->timer, on_timer, seconds_to_ms(q->p->connect_timeout), 0);
-}
-
-static void format_sockaddr(const struct sockaddr *a, char *out, size_t outlen) {
-  struct sockaddr_storage ss;
-  memset(&ss, 0, sizeof(ss));
-  memcpy(&ss, a, a->sa_family == AF_INET6 ? sizeof(struct sockaddr_in6) : sizeof(struct sockaddr_in));
-  mtp_format_addr(&ss, out, outlen);
-}
-
-static void connect_next(struct probe *q) {
-  while (q->next_ai != NULL) {
-    struct addrinfo *ai = q->next_ai;
-    q->next_ai = ai->ai_next;
-    if (ai->ai_family != AF_INET && ai->ai_family != AF_INET6)
-      continue;
-    format_sockaddr(ai->ai_addr, q->addr_str, sizeof(q->addr_str));
-    int r = uv_tcp_init(q->p->loop, &q->tcp);
-    if (r < 0) {
-      probe_fail(q, uv_strerror(r));
-      return;
-    }
-    q->tcp.data = q;
-    q->tcp_open = true;
-    q->refs++;
-    q->connect_req.data = q;
-    r = uv_tcp_connect(&q->connect_req, &q->tcp, ai->ai_addr, on_connected);
-    if (r < 0) {
-      q->tcp_open = false;
-      q->retry_connect = q->next_ai != NULL;
-      uv_close((uv_handle_t *)&q->tcp, on_handle_closed);
-      if (!q->retry_connect) {
-        char why[128];
-        snprintf(why, sizeof(why), "connect to %s: %s", q->addr_str, uv_strerror(r));
-        probe_fail(q, why);
-      }
-    }
-    return;
-  }
-  probe_fail(q, "no usable address");
-}
-
-static void on_resolved(uv_getaddrinfo_t *req, int status, struct addrinfo *res) {
-  struct probe *q = req->data;
-  q->gai_pending = false;
-  q->refs--;
-  if (q->state != P_RESOLVE) {
-    if (res != NULL)
-      uv_freeaddrinfo(res);
-    maybe_free(q);
-    return;
-  }
-  if (status < 0) {
-    char why[128];
-    snprintf(why, sizeof(why), "cannot resolve: %s", uv_strerror(status));
-    probe_fail(q, why);
-    return;
-  }
-  q->ai = res;
-  q->next_ai = res;
-  q->state = P_CONNECT;
-  connect_next(q);
-}
-
-/* "host:port", or "[host]:port" for an IPv6 literal, for logs. */
-static void format_hostport(const char *host, uint16_t port, char *out, size_t outlen) {
-  if (strchr(host, ':') != NULL)
-    snprintf(out, outlen, "[%s]:%u", host, (unsigned)port);
-  else
-    snprintf(out, outlen, "%s:%u", host, (unsigned)port);
-}
-
-/* Copies host without IPv6 brackets; false when empty or too long. */
-static bool copy_host(const char *host, char *out, size_t outlen) {
-  size_t n = host != NULL ? strlen(host) : 0;
-  if (n >= 2 && host[0] == '[' && host[n - 1] == ']') {
-    host++;
-    n -= 2;
-  }
-  if (n == 0 || n >= outlen)
-    return false;
-  memcpy(out, host, n);
-  out[n] = '\0';
-  return true;
+  uv_timer_start(&q->timer, on_timer, mtp_config_ms(q->p->connect_timeout), 0);
 }
 
 /* Starts a probe of domain d (an entry of the current table) unless one is still running. */
@@ -492,16 +374,8 @@ static void probe_start(struct mtp_tlsprobe *p, struct pdomain *d) {
   }
   q->p = p;
   q->d = d;
-  bool ok;
-  if (p->mode == MTP_FRONTING_SNI) {
-    ok = copy_host(d->name, q->host, sizeof(q->host));
-    q->port = 443;
-  } else {
-    ok = copy_host(p->fronting_host, q->host, sizeof(q->host));
-    q->port = p->fronting_port;
-  }
-  format_hostport(q->host, q->port, q->hostport, sizeof(q->hostport));
-  if (!ok || q->port == 0) {
+  bool sni_mode = p->mode == MTP_FRONTING_SNI;
+  if (!mtp_dial_set_target(&q->dial, sni_mode ? d->name : p->fronting_host, sni_mode ? 443 : p->fronting_port)) {
     MTP_COUNT(TLS_PROBE_FAIL);
     mtp_log(MTP_LOG_WARN, "tls probe %s: no fronting host to probe", d->name);
     mtp_free(q);
@@ -509,27 +383,19 @@ static void probe_start(struct mtp_tlsprobe *p, struct pdomain *d) {
   }
   d->running = q;
   p->nprobes++;
-  q->state = P_RESOLVE;
+  q->state = P_DIAL;
   uv_timer_init(p->loop, &q->timer);
   q->timer.data = q;
   q->refs++;
-  uv_timer_start(&q->timer, on_timer, seconds_to_ms(p->connect_timeout), 0);
-  char port[8];
-  snprintf(port, sizeof(port), "%u", (unsigned)q->port);
-  struct addrinfo hints;
-  memset(&hints, 0, sizeof(hints));
-  hints.ai_family = AF_UNSPEC;
-  hints.ai_socktype = SOCK_STREAM;
-  hints.ai_protocol = IPPROTO_TCP;
-  q->gai.data = q;
-  int r = uv_getaddrinfo(p->loop, &q->gai, on_resolved, q->host, port, &hints);
+  uv_timer_start(&q->timer, on_timer, mtp_config_ms(p->connect_timeout), 0);
+  q->dial.data = q;
+  int r = mtp_dial_start(&q->dial, p->loop, &q->tcp, on_dialled, NULL);
   if (r < 0) {
     char why[128];
     snprintf(why, sizeof(why), "cannot resolve: %s", uv_strerror(r));
     probe_fail(q, why);
     return;
   }
-  q->gai_pending = true;
   q->refs++;
 }
 
@@ -676,7 +542,7 @@ int mtp_tlsprobe_reconfigure(struct mtp_tlsprobe *p, const struct mtp_config *cf
     p->timer_open = true;
   }
   if (!p->timer_on || old_interval != p->interval) {
-    uint64_t every = seconds_to_ms(p->interval);
+    uint64_t every = mtp_config_ms(p->interval);
     uv_timer_start(&p->timer, on_interval, every, every);
     p->timer_on = true;
   }

@@ -34,6 +34,7 @@
 #include <cjson/cJSON.h>
 
 #include "alloc.h"
+#include "crypto.h"
 #include "err.h"
 #include "log.h"
 #include "obf2.h"
@@ -131,26 +132,16 @@ static int fail(char *err, size_t errlen, int code, const char *fmt, ...) {
 
 /* ---- small parsers ---- */
 
-static int hexval(char c) {
-  if (c >= '0' && c <= '9')
-    return c - '0';
-  if (c >= 'a' && c <= 'f')
-    return c - 'a' + 10;
-  if (c >= 'A' && c <= 'F')
-    return c - 'A' + 10;
-  return -1;
-}
-
 static bool is_hex(const char *s, size_t n) {
   for (size_t i = 0; i < n; i++)
-    if (hexval(s[i]) < 0)
+    if (mtp_hex_digit(s[i]) < 0)
       return false;
   return true;
 }
 
 static void hex16(const char *s, uint8_t out[16]) {
   for (int i = 0; i < 16; i++)
-    out[i] = (uint8_t)(hexval(s[2 * i]) << 4 | hexval(s[2 * i + 1]));
+    out[i] = (uint8_t)(mtp_hex_digit(s[2 * i]) << 4 | mtp_hex_digit(s[2 * i + 1]));
 }
 
 /* Exactly 32 hex digits. */
@@ -257,6 +248,15 @@ void mtp_format_addr(const struct sockaddr_storage *addr, char *out, size_t outl
   } else {
     snprintf(out, outlen, "?");
   }
+}
+
+uint64_t mtp_config_ms(double seconds) {
+  if (!(seconds > 0))
+    return 1;
+  double ms = seconds * 1000.0 + 0.5;
+  if (ms > 1e15)
+    return (uint64_t)1e15;
+  return ms < 1 ? 1 : (uint64_t)ms;
 }
 
 static const struct {
@@ -1297,36 +1297,46 @@ out:
 }
 
 /* What a table's entries must look like, from the keys the rules match against it. */
-enum { TK_NAME = 1, TK_DOMAIN = 2, TK_V4 = 4, TK_V6 = 8 };
+enum { TK_NAME = MTP_PENTRY_NAME, TK_DOMAIN = MTP_PENTRY_DOMAIN, TK_V4 = MTP_PENTRY_V4, TK_V6 = MTP_PENTRY_V6 };
 
-static unsigned pkey_table_kind(enum mtp_policy_key k) {
+unsigned mtp_policy_key_entry(enum mtp_policy_key k) {
   switch (k) {
   case MTP_PKEY_LISTENER:
-    return TK_NAME;
+    return MTP_PENTRY_NAME;
   case MTP_PKEY_TLS_DOMAIN:
-    return TK_DOMAIN;
+    return MTP_PENTRY_DOMAIN;
   case MTP_PKEY_CLIENT_IPV4:
   case MTP_PKEY_IPV4_SUBNET:
-    return TK_V4;
+    return MTP_PENTRY_V4;
   default:
-    return TK_V6;
+    return MTP_PENTRY_V6;
   }
+}
+
+int mtp_parse_ip_prefix(const char *s, int *family, uint8_t addr[16], int *prefix) {
+  char buf[INET6_ADDRSTRLEN]; /* the longest address text fits */
+  const char *slash = strchr(s, '/');
+  size_t hl = slash != NULL ? (size_t)(slash - s) : strlen(s);
+  if (hl == 0 || hl >= sizeof(buf))
+    return MTP_EINVAL;
+  memcpy(buf, s, hl);
+  buf[hl] = '\0';
+  int af = inet_pton(AF_INET, buf, addr) == 1 ? AF_INET : inet_pton(AF_INET6, buf, addr) == 1 ? AF_INET6 : 0;
+  if (af == 0)
+    return MTP_EINVAL;
+  int max = af == AF_INET ? 32 : 128, pfx = max;
+  if (slash != NULL && parse_prefix(slash + 1, max, &pfx) != MTP_OK)
+    return MTP_EINVAL;
+  *family = af;
+  *prefix = pfx;
+  return MTP_OK;
 }
 
 /* An address of family af, optionally followed by "/PREFIX". */
 static bool ip_entry(const char *s, int af) {
-  char buf[INET6_ADDRSTRLEN + 1];
   uint8_t a[16];
-  const char *slash = strchr(s, '/');
-  size_t hl = slash != NULL ? (size_t)(slash - s) : strlen(s);
-  int prefix;
-  if (hl == 0 || hl >= sizeof(buf))
-    return false;
-  memcpy(buf, s, hl);
-  buf[hl] = '\0';
-  if (inet_pton(af, buf, a) != 1)
-    return false;
-  return slash == NULL || parse_prefix(slash + 1, af == AF_INET ? 32 : 128, &prefix) == MTP_OK;
+  int fam, prefix;
+  return mtp_parse_ip_prefix(s, &fam, a, &prefix) == MTP_OK && fam == af;
 }
 
 static bool entry_fits(const char *v, unsigned kinds) {
@@ -1367,7 +1377,7 @@ static int check_policy(struct mtp_config *cfg, const char *name, char *err, siz
     for (size_t i = cfg->npolicy; i-- > 0;) {
       const struct mtp_policy_rule_conf *r = &cfg->policy[i];
       if (r->table != NULL && strcmp(r->table, tab->name) == 0) {
-        kinds |= pkey_table_kind(r->keys[0].key);
+        kinds |= mtp_policy_key_entry(r->keys[0].key);
         first = i;
       }
     }

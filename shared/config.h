@@ -55,6 +55,18 @@ enum mtp_policy_rule_kind {
 
 #define MTP_POLICY_MAX_KEYS 6
 
+/* What the entries of a table may be, by the keys the rules match against it (a set of bits). */
+enum {
+  MTP_PENTRY_NAME = 1,   /* a listener name */
+  MTP_PENTRY_DOMAIN = 2, /* a host name */
+  MTP_PENTRY_V4 = 4,     /* an IPv4 address or subnet */
+  MTP_PENTRY_V6 = 8,     /* an IPv6 address or subnet */
+};
+
+/* The MTP_PENTRY_* bit of the values of key k (the subnet keys take addresses or subnets of
+ * their family). */
+unsigned mtp_policy_key_entry(enum mtp_policy_key k);
+
 struct mtp_policy_keyspec {
   enum mtp_policy_key key;
   int prefix; /* subnet keys: 0..32 / 0..128; else 0 */
@@ -220,7 +232,18 @@ int mtp_config_parse_protocols(const char *list, unsigned *bits);
 /* "1.2.3.4:443", "[::1]:443" or "443" (= 0.0.0.0 and [::]) into addr. Returns MTP_OK or MTP_EINVAL. */
 int mtp_parse_addr_port(const char *s, struct sockaddr_storage *addr);
 
+/* An IP address optionally followed by "/PREFIX" ("1.2.3.4", "10.0.0.0/8", "2001:db8::/32"; the
+ * prefix is 1..3 digits, at most 32 / 128). *family is AF_INET or AF_INET6 as written, addr
+ * gets the address (4 or 16 bytes, network order), *prefix the prefix length (the full length
+ * when none is given). Returns MTP_OK or MTP_EINVAL. Table entries of policy rules are these
+ * (shared/config.c checks them, front/policy.c normalises them). */
+int mtp_parse_ip_prefix(const char *s, int *family, uint8_t addr[16], int *prefix);
+
 /* Formats addr as "1.2.3.4:443" or "[::1]:443". */
 void mtp_format_addr(const struct sockaddr_storage *addr, char *out, size_t outlen);
+
+/* A duration of the configuration (seconds) as a libuv timeout in milliseconds: rounded, at
+ * least 1 (also for 0, a negative value or NaN), at most 1e15. */
+uint64_t mtp_config_ms(double seconds);
 
 #endif

@@ -252,7 +252,7 @@ void mtp_aes_cbc_free(struct mtp_aes_cbc *c) {
 
 /* ---- hex ------------------------------------------------------------------------------- */
 
-static int hexval(char ch) {
+int mtp_hex_digit(char ch) {
   if (ch >= '0' && ch <= '9')
     return ch - '0';
   if (ch >= 'a' && ch <= 'f')
@@ -267,8 +267,8 @@ int mtp_hex_decode(const char *hex, uint8_t *out, size_t outlen) {
   if (len % 2 != 0 || len / 2 > outlen || len / 2 > (size_t)0x7fffffff)
     return MTP_EINVAL;
   for (size_t i = 0; i < len / 2; i++) {
-    int hi = hexval(hex[2 * i]);
-    int lo = hexval(hex[2 * i + 1]);
+    int hi = mtp_hex_digit(hex[2 * i]);
+    int lo = mtp_hex_digit(hex[2 * i + 1]);
     if (hi < 0 || lo < 0)
       return MTP_EINVAL;
     out[i] = (uint8_t)(hi << 4 | lo);

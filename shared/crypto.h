@@ -57,8 +57,10 @@ void mtp_aes_cbc_setup(struct mtp_aes_cbc *c, const uint8_t key[32], const uint8
 void mtp_aes_cbc_crypt(struct mtp_aes_cbc *c, const uint8_t *in, uint8_t *out, size_t n);
 void mtp_aes_cbc_free(struct mtp_aes_cbc *c);
 
-/* Hex helpers. mtp_hex_decode returns the number of bytes written, or MTP_EINVAL on a
+/* Hex helpers. mtp_hex_digit returns the value 0..15 of a hex digit (either case) or -1.
+ * mtp_hex_decode returns the number of bytes written, or MTP_EINVAL on a
  * non-hex character, odd length or when out is too small. mtp_hex_encode writes 2n+1 bytes. */
+int mtp_hex_digit(char ch);
 int mtp_hex_decode(const char *hex, uint8_t *out, size_t outlen);
 void mtp_hex_encode(const uint8_t *in, size_t n, char *out);
 

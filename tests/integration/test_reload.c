@@ -81,14 +81,8 @@ static void write_conf_start(void) {
 static void start(void) {
   const char *bin = h_mtproxy_bin();
   require(bin != NULL, "MTPROXY_BIN is not set");
-  uint8_t proxy_secret[128];
-  mtp_random(proxy_secret, sizeof(proxy_secret));
-  int fport = fm_start(proxy_secret, sizeof(proxy_secret), &h_env.fm);
-  require(fport > 0, "fake middle proxy did not start");
-  require(h_tmpdir(h_env.dir, sizeof(h_env.dir)) == 0, "no temp dir");
   char sp[256], cp[256];
-  require(h_write_middle_files(h_env.dir, proxy_secret, sizeof(proxy_secret), (uint16_t)fport, sp, cp) == 0,
-          "cannot write the Telegram config files");
+  he_start_fake(sp, cp);
   snprintf(g_conf, sizeof(g_conf), "%s/mtproxy.json", h_env.dir);
   write_conf_start();
   char *argv[] = {(char *)bin, "--config", g_conf, "--proxy-secret", sp, "--proxy-config", cp, "--admin",
@@ -145,45 +139,42 @@ static void clients(uint16_t port, const char *secret_hex, int n, bool good) {
   }
 }
 
-/* POST /reload; returns the HTTP status, the answer in resp (mtp_free). */
-static int post_reload(char **resp) {
+/* POST /reload: the answer's status must be want, and its text contain needle (unless NULL). */
+static void reload_post(int want, const char *needle) {
   static const char req[] = "POST /reload HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n";
-  *resp = NULL;
-  int fd = hx_connect(h_env.admin, 5000);
-  CHECK(fd >= 0);
-  CHECK(hx_write_all(fd, req, sizeof(req) - 1) == 0);
-  size_t cap = 8192, got = 0;
-  char *buf = mtp_malloc(cap);
-  CHECK(buf != NULL);
-  int64_t deadline = hx_now_ms() + 15000;
-  for (;;) {
-    int64_t left = deadline - hx_now_ms();
-    struct pollfd pf = {.fd = fd, .events = POLLIN};
-    if (left <= 0 || poll(&pf, 1, (int)left) <= 0)
-      break;
-    ssize_t r = read(fd, buf + got, cap - 1 - got);
-    if (r < 0 && errno == EINTR)
-      continue;
-    if (r <= 0 || (got += (size_t)r) >= cap - 1)
-      break;
-  }
-  close(fd);
-  buf[got] = '\0';
-  *resp = buf;
-  int st = -1;
-  if (sscanf(buf, "HTTP/1.1 %d", &st) != 1)
-    st = -1;
-  return st;
+  char *resp = NULL;
+  int st = hx_http_raw(h_env.admin, req, sizeof(req) - 1, 0, 15000, &resp);
+  CHECK_MSG(st == want && (needle == NULL || strstr(resp, needle) != NULL), "POST /reload: %d %s", st,
+            resp != NULL ? resp : "");
+  mtp_free(resp);
 }
 
-static bool port_refuses(uint16_t port) {
-  int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  CHECK(fd >= 0);
+/* 127.0.0.1:port */
+static struct sockaddr_in loopback(uint16_t port) {
   struct sockaddr_in a;
   memset(&a, 0, sizeof(a));
   a.sin_family = AF_INET;
   a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
   a.sin_port = htons(port);
+  return a;
+}
+
+/* A TCP socket bound to 127.0.0.1 on a port the OS chose (in *port). */
+static int bind_loopback(uint16_t *port) {
+  int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  CHECK(fd >= 0);
+  struct sockaddr_in a = loopback(0);
+  socklen_t al = sizeof(a);
+  CHECK(bind(fd, (struct sockaddr *)&a, al) == 0);
+  CHECK(getsockname(fd, (struct sockaddr *)&a, &al) == 0);
+  *port = ntohs(a.sin_port);
+  return fd;
+}
+
+static bool port_refuses(uint16_t port) {
+  int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  CHECK(fd >= 0);
+  struct sockaddr_in a = loopback(port);
   int r = connect(fd, (struct sockaddr *)&a, sizeof(a));
   int e = errno;
   close(fd);
@@ -279,16 +270,8 @@ static void *site_main(void *arg) {
 }
 
 static void site_start(void) {
-  site_fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  CHECK(site_fd >= 0);
-  struct sockaddr_in a;
-  memset(&a, 0, sizeof(a));
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  socklen_t al = sizeof(a);
-  CHECK(bind(site_fd, (struct sockaddr *)&a, al) == 0 && listen(site_fd, 16) == 0);
-  CHECK(getsockname(site_fd, (struct sockaddr *)&a, &al) == 0);
-  site_port = ntohs(a.sin_port);
+  site_fd = bind_loopback(&site_port);
+  CHECK(listen(site_fd, 16) == 0);
   CHECK(pthread_create(&site_th, NULL, site_main, NULL) == 0);
 }
 
@@ -308,17 +291,9 @@ static void cleanup(void) {
 
 /* A port nobody listens on now (for a listener the test pins). */
 static uint16_t free_port(void) {
-  int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  CHECK(fd >= 0);
-  struct sockaddr_in a;
-  memset(&a, 0, sizeof(a));
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  socklen_t al = sizeof(a);
-  CHECK(bind(fd, (struct sockaddr *)&a, al) == 0);
-  CHECK(getsockname(fd, (struct sockaddr *)&a, &al) == 0);
-  close(fd);
-  return ntohs(a.sin_port);
+  uint16_t port;
+  close(bind_loopback(&port));
+  return port;
 }
 
 #define RELOADS_OK "mtproxy_config_reloads_total{result=\"ok\"}"
@@ -404,10 +379,7 @@ int main(void) {
   clients(port1, k_c, 2, true);
 
   /* 3. The same through the admin endpoint: 422 with the reason. */
-  char *resp = NULL;
-  int st = post_reload(&resp);
-  CHECK_MSG(st == 422 && strstr(resp, "secrets") != NULL, "POST /reload: %d %s", st, resp);
-  mtp_free(resp);
+  reload_post(422, "secrets");
   CHECK(he_wait_metric(RELOADS_FAILED, 2, 5000, &v));
 
   /* 4. l1 removed via POST /reload: its port refuses at once; its client stays. */
@@ -416,9 +388,7 @@ int main(void) {
            " \"listeners\": [{\"name\": \"l0\", \"listen\": \"127.0.0.1:0\", \"secrets\": [\"%s\"]}]}\n",
            k_b);
   write_conf(t);
-  st = post_reload(&resp);
-  CHECK_MSG(st == 200 && strstr(resp, "reloaded") != NULL, "POST /reload: %d %s", st, resp);
-  mtp_free(resp);
+  reload_post(200, "reloaded");
   CHECK(port_refuses(port1));
   CHECK(h_wait_log(&h_env.proc, "listener l1 closed", NULL, 0, 1000) == 0);
   echo(&via_l1, 500);
@@ -443,9 +413,7 @@ int main(void) {
            " \"listeners\": [{\"name\": \"l0\", \"listen\": \"127.0.0.1:%u\", \"secrets\": [\"%s\"]}]}\n",
            (unsigned)h_env.port, k_b);
   write_conf(t);
-  st = post_reload(&resp);
-  CHECK_MSG(st == 200, "POST /reload: %d %s", st, resp);
-  mtp_free(resp);
+  reload_post(200, NULL);
   CHECK(h_wait_log(&h_env.proc, "reload: generation 3, 1 listener (+1 -1, 0 changed)", NULL, 0, 1000) == 0);
   echo(&before, 64);
   clients(h_env.port, k_b, 6, true);
@@ -464,9 +432,7 @@ int main(void) {
            (unsigned)site_port, l0_json, k_c);
   write_conf(t);
   CHECK(he_metric("mtproxy_tls_probes_total{result=\"ok\"}") == 0);
-  st = post_reload(&resp);
-  CHECK_MSG(st == 200, "POST /reload: %d %s", st, resp);
-  mtp_free(resp);
+  reload_post(200, NULL);
   uint16_t port2 = 0;
   CHECK(h_wait_listener(&h_env.proc, "l2", &port2, 10000) == 0);
   char want[128];
@@ -486,9 +452,7 @@ int main(void) {
            "               {\"name\": \"l3\", \"listen\": \"127.0.0.1:%u\", \"secrets\": [\"%s\"]}]}\n",
            (unsigned)port3, l0_json, k_c, (unsigned)port3, k_a);
   write_conf(t);
-  st = post_reload(&resp);
-  CHECK_MSG(st == 200, "POST /reload: %d %s", st, resp);
-  mtp_free(resp);
+  reload_post(200, NULL);
   CHECK(lmetric(L_ACCEPTED, "l3", NULL) == 0);
   double ff0 = he_metric("mtproxy_fronting_failures_total"), ft0 = he_metric("mtproxy_fronted_connections_total");
   int fd = hx_connect(port2, 5000);

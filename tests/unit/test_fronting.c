@@ -147,6 +147,31 @@ enum tmode {
 
 #define BANNER "220 banner from the target\r\n"
 
+/* What one end of a test connection has received. */
+struct rx {
+  uint8_t head[4096]; /* the first bytes */
+  size_t headlen;
+  uint64_t nread;  /* every byte */
+  bool verify_bad; /* with verify: a byte differed from the pattern */
+};
+
+/* Counts data[0..k), keeps what fits in head, and with verify checks it against the pattern
+ * at its offset in the stream. */
+static void rx_add(struct rx *r, bool verify, const char *data, size_t k) {
+  if (r->headlen < sizeof(r->head)) {
+    size_t c = sizeof(r->head) - r->headlen;
+    if (c > k)
+      c = k;
+    memcpy(r->head + r->headlen, data, c);
+    r->headlen += c;
+  }
+  if (verify)
+    for (size_t i = 0; i < k; i++)
+      if ((uint8_t)data[i] != pattern_at(r->nread + i))
+        r->verify_bad = true;
+  r->nread += k;
+}
+
 struct tconn;
 
 struct target {
@@ -162,10 +187,7 @@ struct target {
 struct tconn {
   uv_tcp_t tcp;
   struct target *t;
-  uint8_t head[4096]; /* the first bytes received */
-  size_t headlen;
-  uint64_t nread;
-  bool verify_bad;
+  struct rx rx; /* verified in T_SINK mode */
   bool eof;
   bool closed;
   bool reading;
@@ -214,18 +236,7 @@ static void t_read(uv_stream_t *s, ssize_t n, const uv_buf_t *b) {
   struct tconn *tc = s->data;
   if (n > 0) {
     size_t k = (size_t)n;
-    if (tc->headlen < sizeof(tc->head)) {
-      size_t c = sizeof(tc->head) - tc->headlen;
-      if (c > k)
-        c = k;
-      memcpy(tc->head + tc->headlen, b->base, c);
-      tc->headlen += c;
-    }
-    if (tc->t->mode == T_SINK)
-      for (size_t i = 0; i < k; i++)
-        if ((uint8_t)b->base[i] != pattern_at(tc->nread + i))
-          tc->verify_bad = true;
-    tc->nread += k;
+    rx_add(&tc->rx, tc->t->mode == T_SINK, b->base, k);
     if (tc->t->mode == T_ECHO) {
       struct twrite *w = malloc(sizeof(*w));
       CHECK(w != NULL);
@@ -332,11 +343,8 @@ static void target_set_stall(struct target *t, bool stall) {
 
 struct client {
   uv_tcp_t tcp;
-  uint8_t head[4096];
-  size_t headlen;
-  uint64_t nread;
+  struct rx rx;
   bool verify; /* check received bytes against the pattern */
-  bool verify_bad;
   bool eof; /* EOF or an error */
   int err;  /* the read error (UV_EOF for a clean end) */
   bool stall;
@@ -355,19 +363,7 @@ static void c_alloc(uv_handle_t *h, size_t s, uv_buf_t *b) {
 static void c_read(uv_stream_t *s, ssize_t n, const uv_buf_t *b) {
   struct client *c = s->data;
   if (n > 0) {
-    size_t k = (size_t)n;
-    if (c->headlen < sizeof(c->head)) {
-      size_t m = sizeof(c->head) - c->headlen;
-      if (m > k)
-        m = k;
-      memcpy(c->head + c->headlen, b->base, m);
-      c->headlen += m;
-    }
-    if (c->verify)
-      for (size_t i = 0; i < k; i++)
-        if ((uint8_t)b->base[i] != pattern_at(c->nread + i))
-          c->verify_bad = true;
-    c->nread += k;
+    rx_add(&c->rx, c->verify, b->base, (size_t)n);
   } else if (n < 0) {
     c->eof = true;
     c->err = (int)n;
@@ -441,7 +437,7 @@ struct want_bytes {
 };
 static bool pred_client_has(void *arg) {
   struct want_bytes *w = arg;
-  return w->c->nread >= w->n;
+  return w->c->rx.nread >= w->n;
 }
 static bool pred_client_eof(void *arg) { return ((struct client *)arg)->eof; }
 static bool pred_client_written(void *arg) { return ((struct client *)arg)->writes_pending == 0; }
@@ -452,7 +448,7 @@ struct want_target {
 };
 static bool pred_target_has(void *arg) {
   struct want_target *w = arg;
-  return w->t->last != NULL && w->t->last->nread >= w->n;
+  return w->t->last != NULL && w->t->last->rx.nread >= w->n;
 }
 static bool pred_target_eof(void *arg) {
   struct target *t = arg;
@@ -510,10 +506,10 @@ static void test_pre_and_echo(const char *target_ip, const char *host, int famil
   client_write(&c, "abc", 3);
   struct want_bytes w = {&c, sizeof(PRE) - 1 + 3};
   CHECK(check_run_until(&loop, pred_client_has, &w, WAIT_MS));
-  CHECK(c.headlen == sizeof(PRE) - 1 + 3);
-  CHECK(memcmp(c.head, PRE "abc", c.headlen) == 0);
-  CHECK(t.last != NULL && t.last->headlen == sizeof(PRE) - 1 + 3);
-  CHECK(memcmp(t.last->head, PRE "abc", t.last->headlen) == 0);
+  CHECK(c.rx.headlen == sizeof(PRE) - 1 + 3);
+  CHECK(memcmp(c.rx.head, PRE "abc", c.rx.headlen) == 0);
+  CHECK(t.last != NULL && t.last->rx.headlen == sizeof(PRE) - 1 + 3);
+  CHECK(memcmp(t.last->rx.head, PRE "abc", t.last->rx.headlen) == 0);
   CHECK(metric(MTP_M_FRONTED_TOTAL) == total0 + 1);
   CHECK(metric(MTP_M_FRONTED_ACTIVE) == 1);
   CHECK(metric(MTP_M_FRONTED_BYTES_IN) == in0 + (int64_t)(sizeof(PRE) - 1 + 3));
@@ -524,8 +520,8 @@ static void test_pre_and_echo(const char *target_ip, const char *host, int famil
   client_shutdown(&c);
   CHECK(check_run_until(&loop, pred_client_eof, &c, WAIT_MS));
   CHECK(c.err == UV_EOF);
-  CHECK(c.nread == sizeof(PRE) - 1 + 7);
-  CHECK(memcmp(c.head, PRE "abcdefg", c.nread) == 0);
+  CHECK(c.rx.nread == sizeof(PRE) - 1 + 7);
+  CHECK(memcmp(c.rx.head, PRE "abcdefg", c.rx.nread) == 0);
   CHECK(check_run_until(&loop, pred_no_fronted, NULL, WAIT_MS));
   client_close(&c);
   fronting_end();
@@ -543,12 +539,12 @@ static void test_half_close_from_target(void) {
   front_client(&c, AF_INET, NULL, NULL, 0);
   CHECK(check_run_until(&loop, pred_client_eof, &c, WAIT_MS));
   CHECK(c.err == UV_EOF);
-  CHECK(c.nread == strlen(BANNER) && memcmp(c.head, BANNER, c.nread) == 0);
+  CHECK(c.rx.nread == strlen(BANNER) && memcmp(c.rx.head, BANNER, c.rx.nread) == 0);
   CHECK(metric(MTP_M_FRONTED_ACTIVE) == 1); /* the client->target direction is still open */
   client_write(&c, "after-eof", 9);
   struct want_target wt = {&t, 9};
   CHECK(check_run_until(&loop, pred_target_has, &wt, WAIT_MS));
-  CHECK(memcmp(t.last->head, "after-eof", 9) == 0);
+  CHECK(memcmp(t.last->rx.head, "after-eof", 9) == 0);
   CHECK(!t.last->eof);
   client_shutdown(&c);
   CHECK(check_run_until(&loop, pred_target_eof, &t, WAIT_MS));
@@ -583,13 +579,13 @@ static void test_big_bounded(void) {
   target_set_stall(&t, false);
   struct want_target wt = {&t, BIG};
   CHECK(check_run_until(&loop, pred_target_has, &wt, 30000));
-  CHECK(!t.last->verify_bad);
+  CHECK(!t.last->rx.verify_bad);
   CHECK(check_run_until(&loop, pred_client_written, &c, WAIT_MS));
   CHECK_MSG(atomic_load(&mem_peak) - base < 1024u * 1024u, "peak %zu", atomic_load(&mem_peak) - base);
   client_shutdown(&c);
   CHECK(check_run_until(&loop, pred_target_eof, &t, WAIT_MS));
   CHECK(check_run_until(&loop, pred_no_fronted, NULL, WAIT_MS));
-  CHECK(t.last->nread == BIG);
+  CHECK(t.last->rx.nread == BIG);
   client_close(&c);
   fronting_end();
   target_stop(&t);
@@ -610,8 +606,8 @@ static void test_big_bounded(void) {
   client_update_reading(&c);
   CHECK(check_run_until(&loop, pred_client_eof, &c, 30000));
   CHECK(c.err == UV_EOF);
-  CHECK(c.nread == BIG);
-  CHECK(!c.verify_bad);
+  CHECK(c.rx.nread == BIG);
+  CHECK(!c.rx.verify_bad);
   CHECK_MSG(atomic_load(&mem_peak) - base < 1024u * 1024u, "peak %zu", atomic_load(&mem_peak) - base);
   client_shutdown(&c);
   CHECK(check_run_until(&loop, pred_no_fronted, NULL, WAIT_MS));
@@ -634,7 +630,7 @@ static void test_connect_refused(void) {
   struct client c;
   front_client(&c, AF_INET, NULL, PRE, sizeof(PRE) - 1);
   CHECK(check_run_until(&loop, pred_client_eof, &c, WAIT_MS));
-  CHECK(c.nread == 0);
+  CHECK(c.rx.nread == 0);
   CHECK(check_run_until(&loop, pred_no_fronted, NULL, WAIT_MS));
   CHECK(metric(MTP_M_FRONTED_FAILED) == failed0 + 1);
   CHECK(metric(MTP_M_FRONTED_TOTAL) == total0);
@@ -668,7 +664,7 @@ static void test_connect_timeout(void) {
   CHECK(check_run_until(&loop, pred_client_eof, &c, WAIT_MS));
   uv_update_time(&loop);
   CHECK_MSG(uv_now(&loop) - t0 >= 250, "closed after %llu ms", (unsigned long long)(uv_now(&loop) - t0));
-  CHECK(c.nread == 0);
+  CHECK(c.rx.nread == 0);
   CHECK(check_run_until(&loop, pred_no_fronted, NULL, WAIT_MS));
   CHECK(metric(MTP_M_FRONTED_FAILED) == failed0 + 1);
   client_close(&c);
@@ -849,7 +845,7 @@ static void test_reconfigure(void) {
   client_write(&a, "b", 1);
   wa.n = 2;
   CHECK(check_run_until(&loop, pred_client_has, &wa, WAIT_MS));
-  CHECK(t1.accepted == 1 && t1.last != NULL && t1.last->nread == 2);
+  CHECK(t1.accepted == 1 && t1.last != NULL && t1.last->rx.nread == 2);
   CHECK(check_run_until(&loop, pred_client_eof, &a, WAIT_MS));
   client_close(&a);
   target_stop(&t1);
@@ -889,7 +885,7 @@ static void test_reconfigure(void) {
   client_write(&c, "e", 1);
   wc.n = 3;
   CHECK(check_run_until(&loop, pred_client_has, &wc, WAIT_MS));
-  CHECK(memcmp(c.head, "cde", 3) == 0);
+  CHECK(memcmp(c.rx.head, "cde", 3) == 0);
   client_close(&c);
 
   fronting_end();

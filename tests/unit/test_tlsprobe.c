@@ -273,38 +273,33 @@ static size_t probe_once(uint16_t port, bool expect_ok) {
   return mtp_tlsprobe_learnt(probe, "example.test");
 }
 
+/* probe_once against a crafted server of its own (mode, records, piece as crafted_start);
+ * the server and the prober are gone on return. */
+static size_t probe_crafted(enum smode mode, const size_t *records, size_t piece, bool expect_ok) {
+  struct crafted s;
+  crafted_start(&s, mode, records, piece);
+  size_t n = probe_once(s.port, expect_ok);
+  crafted_stop(&s);
+  return n;
+}
+
 static void test_crafted(void) {
   static const size_t recs[] = {1000, 2000, 517, 0};
   static const size_t big[] = {16401, 16401, 0};
   static const size_t empty_then[] = {0}; /* no ApplicationData at all */
-  struct crafted s;
   size_t pieces[] = {1, 3, 7, 100, 65536};
-  for (size_t i = 0; i < sizeof(pieces) / sizeof(pieces[0]); i++) {
-    crafted_start(&s, S_SILENT, recs, pieces[i]);
-    CHECK_MSG(probe_once(s.port, true) == 3517, "piece %zu", pieces[i]);
-    crafted_stop(&s);
-  }
-  crafted_start(&s, S_CLOSE, recs, 5);
-  CHECK(probe_once(s.port, true) == 3517);
-  crafted_stop(&s);
+  for (size_t i = 0; i < sizeof(pieces) / sizeof(pieces[0]); i++)
+    CHECK_MSG(probe_crafted(S_SILENT, recs, pieces[i], true) == 3517, "piece %zu", pieces[i]);
+  CHECK(probe_crafted(S_CLOSE, recs, 5, true) == 3517);
   /* More than one record can carry: clamped to the largest record we send. */
-  crafted_start(&s, S_SILENT, big, 4096);
-  CHECK(probe_once(s.port, true) == MTP_FAKETLS_MAX_PAYLOAD);
-  crafted_stop(&s);
+  CHECK(probe_crafted(S_SILENT, big, 4096, true) == MTP_FAKETLS_MAX_PAYLOAD);
   /* Failures: nothing learnt. */
-  crafted_start(&s, S_CLOSE, empty_then, 64);
-  CHECK(probe_once(s.port, false) == 0);
-  crafted_stop(&s);
-  crafted_start(&s, S_ALERT, NULL, 64);
-  CHECK(probe_once(s.port, false) == 0);
-  crafted_stop(&s);
-  crafted_start(&s, S_TLS12, NULL, 64);
-  CHECK(probe_once(s.port, false) == 0);
-  crafted_stop(&s);
-  crafted_start(&s, S_GARBAGE, NULL, 64);
-  CHECK(probe_once(s.port, false) == 0);
-  crafted_stop(&s);
+  CHECK(probe_crafted(S_CLOSE, empty_then, 64, false) == 0);
+  CHECK(probe_crafted(S_ALERT, NULL, 64, false) == 0);
+  CHECK(probe_crafted(S_TLS12, NULL, 64, false) == 0);
+  CHECK(probe_crafted(S_GARBAGE, NULL, 64, false) == 0);
   /* A closed port. */
+  struct crafted s;
   crafted_start(&s, S_SILENT, recs, 64);
   uint16_t port = s.port;
   crafted_stop(&s);
@@ -315,12 +310,9 @@ static void test_crafted(void) {
 /* The flight's read deadline: a server that sends a ServerHello and then nothing. */
 static void test_read_timeout(void) {
   static const size_t none[] = {0};
-  struct crafted s;
-  crafted_start(&s, S_SILENT, none, 64);
   cfg.fronting_connect_timeout = 0.3;
-  CHECK(probe_once(s.port, false) == 0);
+  CHECK(probe_crafted(S_SILENT, none, 64, false) == 0);
   cfg.fronting_connect_timeout = 5;
-  crafted_stop(&s);
 }
 
 /* Every distinct domain (global and per listener) is probed, again every interval; learnt
