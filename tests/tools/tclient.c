@@ -137,6 +137,19 @@ static int send_all(int fd, const uint8_t *p, size_t n) {
   return MTP_OK;
 }
 
+/* Builds the client's obfuscated2 header into hdr and readies the framing decoder; closes c on
+ * an error. */
+static int start_obf2(struct tclient *c, const uint8_t *secret, enum mtp_proto proto, int16_t dc,
+                      uint8_t hdr[MTP_OBF2_HEADER_LEN]) {
+  int rc = mtp_obf2_connect(&c->_obf, secret, proto, dc, hdr);
+  if (rc != MTP_OK) {
+    tc_close(c);
+    return rc;
+  }
+  mtp_frame_dec_init(&c->_dec, proto);
+  return MTP_OK;
+}
+
 int tc_connect(struct tclient *c, const char *host, uint16_t port, const uint8_t *secret, enum mtp_proto proto,
                int16_t dc, int timeout_ms) {
   if (proto != MTP_PROTO_ABRIDGED && proto != MTP_PROTO_INTERMEDIATE && proto != MTP_PROTO_PADDED)
@@ -151,12 +164,9 @@ int tc_connect(struct tclient *c, const char *host, uint16_t port, const uint8_t
   c->fd = fd;
   c->proto = proto;
   uint8_t hdr[MTP_OBF2_HEADER_LEN];
-  int rc = mtp_obf2_connect(&c->_obf, secret, proto, dc, hdr);
-  if (rc != MTP_OK) {
-    tc_close(c);
+  int rc = start_obf2(c, secret, proto, dc, hdr);
+  if (rc != MTP_OK)
     return rc;
-  }
-  mtp_frame_dec_init(&c->_dec, proto);
   rc = send_all(fd, hdr, sizeof(hdr));
   if (rc != MTP_OK)
     tc_close(c);
@@ -271,12 +281,9 @@ int tc_connect_tls(struct tclient *c, const char *host, uint16_t port, const uin
   c->_rec_max = tls->record_max;
   mtp_faketls_rx_init(&c->_rx);
   uint8_t hdr[MTP_OBF2_HEADER_LEN];
-  int rc = mtp_obf2_connect(&c->_obf, secret, proto, dc, hdr);
-  if (rc != MTP_OK) {
-    tc_close(c);
+  int rc = start_obf2(c, secret, proto, dc, hdr);
+  if (rc != MTP_OK)
     return rc;
-  }
-  mtp_frame_dec_init(&c->_dec, proto);
   size_t cut = tls->split_hello ? 77 : c->hello_len;
   rc = send_all(fd, c->hello, cut);
   if (rc == MTP_OK && cut < c->hello_len) /* TCP_NODELAY: two segments */
