@@ -194,7 +194,13 @@ int main(void) {
   fprintf(stderr, "VmRSS start %ld KiB, max %ld KiB over %ld samples (limit %ld KiB)\n", rss0, rss_max,
           atomic_load(&g_rss_samples), rss0 + BUDGET / 1024 + SLACK_KB);
   CHECK(atomic_load(&g_rss_samples) >= 1);
+#if defined(__SANITIZE_ADDRESS__)
+  /* AddressSanitizer keeps freed memory in quarantine, so RSS says nothing about our bound in
+   * an -DMTP_SANITIZE=ON build; the release build (CI) checks it. */
+  fprintf(stderr, "RSS bound not checked: AddressSanitizer build\n");
+#else
   CHECK(rss_max <= rss0 + BUDGET / 1024 + SLACK_KB);
+#endif
 
   /* More than the budget went toward A, and the push stopped soon after the proxy's
    * RPC_CLOSE_CONN: far less than the whole push left the fake. */
