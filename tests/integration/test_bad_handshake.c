@@ -22,31 +22,21 @@
 #include "harness.h"
 #include "harness_extra.h"
 #include "tclient.h"
+#include "check.h"
 #include "banned.h"
 
-static int passed, failed;
 static struct h_proc g_proc;
 static struct fake_middle *g_fm;
 static char g_dir[256];
 
-static void fail_out(void) {
+/* Run by a failed CHECK before it exits: the log, then everything this test started. */
+static void fail_cleanup(void) {
   h_dump_log(&g_proc);
   h_stop(&g_proc, 5000);
   fm_free(g_fm);
   h_rmdir(g_dir);
-  exit(1);
 }
 
-#define CHECK(cond)                                                            \
-  do {                                                                         \
-    if (cond) {                                                                \
-      passed++;                                                                \
-    } else {                                                                   \
-      fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
-      failed++;                                                                \
-      fail_out();                                                              \
-    }                                                                          \
-  } while (0)
 
 static const char *k_secret_hex = "00112233445566778899aabbccddeeff";
 static uint8_t g_secret[16];
@@ -119,6 +109,7 @@ static double metric(uint16_t admin, const char *series) {
 
 int main(void) {
   g_proc.pid = -1;
+  check_on_fail = fail_cleanup;
   const char *bin = h_mtproxy_bin();
   if (!bin) {
     fprintf(stderr, "MTPROXY_BIN is not set\n");
@@ -235,6 +226,5 @@ int main(void) {
   g_fm = NULL;
   h_rmdir(g_dir);
   h_remove_log(&g_proc);
-  printf("%d passed, %d failed\n", passed, failed);
-  return 0;
+  return check_report();
 }

@@ -17,31 +17,21 @@
 #include "harness.h"
 #include "harness_extra.h"
 #include "tclient.h"
+#include "check.h"
 #include "banned.h"
 
-static int passed, failed;
 static struct h_proc g_proc;
 static struct fake_middle *g_fm;
 static char g_dir[256];
 
-static void fail_out(void) {
+/* Run by a failed CHECK before it exits: the log, then everything this test started. */
+static void fail_cleanup(void) {
   h_dump_log(&g_proc);
   h_stop(&g_proc, 5000);
   fm_free(g_fm);
   h_rmdir(g_dir);
-  exit(1);
 }
 
-#define CHECK(cond)                                                            \
-  do {                                                                         \
-    if (cond) {                                                                \
-      passed++;                                                                \
-    } else {                                                                   \
-      fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
-      failed++;                                                                \
-      fail_out();                                                              \
-    }                                                                          \
-  } while (0)
 
 static const char *k_secret_hex = "00112233445566778899aabbccddeeff";
 static const char *g_bin;
@@ -131,6 +121,7 @@ static void stop_with_signal(int sig, const char *sp, const char *cp) {
 
 int main(void) {
   g_proc.pid = -1;
+  check_on_fail = fail_cleanup;
   g_bin = h_mtproxy_bin();
   if (!g_bin) {
     fprintf(stderr, "MTPROXY_BIN is not set\n");
@@ -230,6 +221,5 @@ int main(void) {
   fm_free(g_fm);
   g_fm = NULL;
   h_rmdir(g_dir);
-  printf("%d passed, %d failed\n", passed, failed);
-  return 0;
+  return check_report();
 }

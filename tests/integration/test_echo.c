@@ -20,31 +20,21 @@
 #include "harness_extra.h"
 #include "rpc.h"
 #include "tclient.h"
+#include "check.h"
 #include "banned.h"
 
-static int passed, failed;
 static struct h_proc g_proc;
 static struct fake_middle *g_fm;
 static char g_dir[256];
 
-static void fail_out(void) {
+/* Run by a failed CHECK before it exits: the log, then everything this test started. */
+static void fail_cleanup(void) {
   h_dump_log(&g_proc);
   h_stop(&g_proc, 5000);
   fm_free(g_fm);
   h_rmdir(g_dir);
-  exit(1);
 }
 
-#define CHECK(cond)                                                            \
-  do {                                                                         \
-    if (cond) {                                                                \
-      passed++;                                                                \
-    } else {                                                                   \
-      fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
-      failed++;                                                                \
-      fail_out();                                                              \
-    }                                                                          \
-  } while (0)
 
 static const char *k_secret_hex = "00112233445566778899aabbccddeeff";
 static const char *k_tag_hex = "0badc0de0badc0de0badc0de0badc0de";
@@ -91,6 +81,7 @@ static bool enough_pongs(const struct fm_stats *s, void *arg) {
 
 int main(void) {
   g_proc.pid = -1;
+  check_on_fail = fail_cleanup;
   const char *bin = h_mtproxy_bin();
   if (!bin) {
     fprintf(stderr, "MTPROXY_BIN is not set\n");
@@ -151,6 +142,5 @@ int main(void) {
   g_fm = NULL;
   h_rmdir(g_dir);
   h_remove_log(&g_proc);
-  printf("%d passed, %d failed\n", passed, failed);
-  return 0;
+  return check_report();
 }

@@ -18,34 +18,24 @@
 #include "harness.h"
 #include "harness_extra.h"
 #include "tclient.h"
+#include "check.h"
 #include "banned.h"
 
-static int passed, failed;
 static struct h_proc g_proc;
 static struct fake_middle *g_fm;
 static struct hx_http *g_http;
 static char g_dir[256], g_cache[300];
 
-static void fail_out(void) {
+/* Run by a failed CHECK before it exits: the log, then everything this test started. */
+static void fail_cleanup(void) {
   h_dump_log(&g_proc);
   h_stop(&g_proc, 5000);
   fm_free(g_fm);
   hx_http_free(g_http);
   h_rmdir(g_cache);
   h_rmdir(g_dir);
-  exit(1);
 }
 
-#define CHECK(cond)                                                            \
-  do {                                                                         \
-    if (cond) {                                                                \
-      passed++;                                                                \
-    } else {                                                                   \
-      fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
-      failed++;                                                                \
-      fail_out();                                                              \
-    }                                                                          \
-  } while (0)
 
 static const char *k_secret_hex = "00112233445566778899aabbccddeeff";
 static uint8_t g_secret[16];
@@ -94,6 +84,7 @@ static void start_proxy(const char *secret_url, const char *config_url, uint16_t
 
 int main(void) {
   g_proc.pid = -1;
+  check_on_fail = fail_cleanup;
   if (!h_mtproxy_bin()) {
     fprintf(stderr, "MTPROXY_BIN is not set\n");
     return 1;
@@ -181,6 +172,5 @@ int main(void) {
   g_fm = NULL;
   h_rmdir(g_cache);
   h_rmdir(g_dir);
-  printf("%d passed, %d failed\n", passed, failed);
-  return 0;
+  return check_report();
 }

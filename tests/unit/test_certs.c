@@ -23,16 +23,7 @@
 #include "certs.h"
 #include "err.h"
 
-static int passed;
-
-#define CHECK(cond)                                                             \
-  do {                                                                          \
-    if (!(cond)) {                                                              \
-      fprintf(stderr, "%s:%d: check failed: %s\n", __FILE__, __LINE__, #cond); \
-      exit(1);                                                                  \
-    }                                                                           \
-    passed++;                                                                   \
-  } while (0)
+#include "check.h"
 
 static char dir_a[64], dir_b[64];
 
@@ -424,6 +415,5 @@ int main(void) {
   test_tls();
   remove_dir(dir_b);
   remove_dir(dir_a);
-  printf("%d passed, 0 failed\n", passed);
-  return 0;
+  return check_report();
 }

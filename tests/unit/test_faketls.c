@@ -12,30 +12,12 @@
 #include "err.h"
 #include "faketls.h"
 
-static int g_passed, g_failed;
+#include "check.h"
 
-#define CHECK(cond)                                                                     \
-  do {                                                                                  \
-    if (cond) {                                                                         \
-      g_passed++;                                                                       \
-    } else {                                                                            \
-      g_failed++;                                                                       \
-      fprintf(stderr, "%s:%d: check failed: %s\n", __FILE__, __LINE__, #cond);          \
-      exit(1);                                                                          \
-    }                                                                                   \
-  } while (0)
-
-#define CHECK_EQ(a, b)                                                                  \
-  do {                                                                                  \
-    long long _a = (long long)(a), _b = (long long)(b);                                 \
-    if (_a == _b) {                                                                     \
-      g_passed++;                                                                       \
-    } else {                                                                            \
-      g_failed++;                                                                       \
-      fprintf(stderr, "%s:%d: %s == %lld, expected %s == %lld\n", __FILE__, __LINE__, #a, \
-              _a, #b, _b);                                                              \
-      exit(1);                                                                          \
-    }                                                                                   \
+#define CHECK_EQ(a, b)                                                                          \
+  do {                                                                                          \
+    long long _a = (long long)(a), _b = (long long)(b);                                         \
+    CHECK_MSG(_a == _b, "%s == %lld, expected %s == %lld", #a, _a, #b, _b);                     \
   } while (0)
 
 static const uint8_t SECRETS[3][16] = {
@@ -879,6 +861,5 @@ int main(void) {
   test_rx();
   test_wrap();
   test_derive();
-  printf("%d passed, %d failed\n", g_passed, g_failed);
-  return g_failed == 0 ? 0 : 1;
+  return check_report();
 }
