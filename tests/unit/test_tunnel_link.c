@@ -881,8 +881,20 @@ static bool p_writables(void *a) {
   return true;
 }
 
+enum { CONG_N = 96, CONG_PKT = 128 * 1024 }; /* 6 MiB on each of the two connections */
+
+/* Every congestion stream's packet has fully arrived at the echo link. */
+static bool p_cong_all_got(void *a) {
+  for (int i = 0; i < CONG_N; i++) {
+    struct estream *e = echo_find((uint16_t)(8000 + i));
+    if (e == NULL || e->got < CONG_PKT)
+      return false;
+  }
+  return true;
+}
+
 static void test_congestion(void) {
-  enum { N = 96, PKT = 128 * 1024 }; /* 6 MiB on each of the two connections */
+  enum { N = CONG_N, PKT = CONG_PKT };
   static const size_t one[] = {PKT};
   static struct tfront f[N];
   static bool saw_full[N];
@@ -901,6 +913,7 @@ static void test_congestion(void) {
   CHECK(wait_for(p_writables, f));
   want_n = opens + N;
   CHECK(wait_for(p_echo_opens, NULL));
+  CHECK(wait_for(p_cong_all_got, NULL)); /* an Open can arrive before the last of its data */
   echo.hold_new = false;
   for (int i = 0; i < N; i++) {
     CHECK(f[i].lf.closes == 0 && f[i].lf.writables == (saw_full[i] ? 1 : 0));
